@@ -1,0 +1,320 @@
+"""The ADS hot path: the score, the sampler, the perturbed proxies and a reference decode loop.
+
+    delta_hat = (log_softmax(z_plus) - log_softmax(z_minus)) / (2 eps)
+    score     = log_softmax(z_T) / tau + lam * delta_hat        (paper Eq. 11)
+    x_{t+1}  ~ softmax(top_p(top_k(score)))
+
+z_plus / z_minus are the logits of the proxy student with weights theta_P +/- eps * g, where g is
+the gradient of the proxy's loss on the teacher's holdout traces (save_grad.py).  Every random
+draw is keyed on (seed, prompt index, position), so the traces do not depend on batch size,
+process count, continuous-batching order or resuming.
+"""
+import copy
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from utils import die
+
+
+@dataclass
+class SamplingParams:
+    tau: float = 0.0                 # 0 = greedy on the teacher
+    lam: float = 0.0                 # 0 = plain temperature sampling
+    eps: float = 1e-2
+    top_p: float = 1.0
+    top_k: int = 0                   # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    ads_mode: str = "fd"             # fd | jvp
+
+    @property
+    def greedy(self):
+        return self.tau == 0
+
+    @property
+    def uses_proxy(self):
+        return self.lam != 0 and self.tau != 0
+
+
+@dataclass
+class DecodeModels:
+    teacher: torch.nn.Module
+    vocab_size: int                  # ids the tokenizer defines; wider logits are padding rows
+    eos_ids: list
+    pad_id: int
+    plus: torch.nn.Module = None     # proxy at theta + eps g
+    minus: torch.nn.Module = None    # proxy at theta - eps g
+    proxy: torch.nn.Module = None    # unperturbed proxy, only for ads_mode=jvp
+    grads: dict = None               # name -> g, only for ads_mode=jvp
+    diagnostics: dict = field(default_factory=dict)
+
+
+def fd_delta(z_plus, z_minus, eps):
+    """Central finite difference of the proxy's log-probs along g: (lsm(z+) - lsm(z-)) / (2 eps)."""
+    return (F.log_softmax(z_plus.float(), dim=-1) - F.log_softmax(z_minus.float(), dim=-1)) / (2 * eps)
+
+
+def ads_score(z_teacher, delta, tau, lam):
+    """score = log_softmax(z_T)/tau + lam * delta_hat, with delta_hat from fd_delta or exact_delta.
+
+    lam is not divided by tau (the reference added the penalty to raw logits before Hugging Face's
+    temperature, so its effective strength was lam/tau).  Inputs are (B, V) on the same ids."""
+    score = F.log_softmax(z_teacher.float(), dim=-1) / tau
+    return score + lam * delta if lam else score
+
+
+def _mix32(x):
+    # lowbias32 integer hash; int64 arithmetic masked to 32 bits is exact on every device
+    m = 0xFFFFFFFF
+    x = x & m
+    x = (x ^ (x >> 16)) * 0x7FEB352D & m
+    x = (x ^ (x >> 15)) * 0x846CA68B & m
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seed, rows, steps):
+    """One uniform in (0, 1) per row, a pure function of (seed, row id, position)."""
+    h = _mix32(rows.long() * 0x9E3779B1 + _mix32(steps.long() + 0x632BE5AB))
+    h = _mix32(h ^ _mix32(torch.full_like(h, seed) + 0x1B873593))
+    return (h.double() + 0.5).div(2.0 ** 32).float()
+
+
+def filter_top_k_top_p(probs, top_k=0, top_p=1.0):
+    """Zero out tokens outside top-k, then outside the nucleus: a token is kept when the mass of
+    the tokens ranked above it is < top_p (so at least one token always survives)."""
+    if top_k and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = torch.where(probs >= kth, probs, 0.0)
+    if top_p < 1.0:
+        srt = probs.sort(dim=-1, descending=True).values
+        total = srt.sum(-1, keepdim=True)
+        n_keep = ((srt.cumsum(-1) - srt) < top_p * total).sum(-1, keepdim=True).clamp(min=1)
+        threshold = srt.gather(-1, n_keep - 1)
+        probs = torch.where(probs >= threshold, probs, 0.0)
+    return probs
+
+
+def sample_from_scores(scores, u, top_k=0, top_p=1.0):
+    """Inverse-CDF sample over vocabulary order with one uniform per row: exact for any order and
+    reproducible, since the noise is not tied to the batch."""
+    probs = filter_top_k_top_p(torch.softmax(scores.float(), dim=-1), top_k, top_p)
+    cdf = probs.cumsum(-1)
+    target = u.unsqueeze(-1) * cdf[:, -1:]
+    return (cdf < target).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """Hugging Face semantics: divide positive logits of seen tokens by penalty, multiply negatives."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def next_tokens(z_teacher, delta, params, u, seen=None):
+    """The token rule for one step on aligned (B, V) logits: greedy on the teacher when tau = 0."""
+    if seen is not None:
+        z_teacher = apply_repetition_penalty(z_teacher.float(), seen, params.repetition_penalty)
+    if params.greedy:
+        return z_teacher.argmax(-1)
+    score = ads_score(z_teacher, delta, params.tau, params.lam)
+    return sample_from_scores(score, u, params.top_k, params.top_p)
+
+
+# gradients and perturbed proxies
+
+def load_gradient(path):
+    from safetensors import SafeTensorError
+    from safetensors.torch import load_file
+    try:
+        grads = load_file(str(path))
+    except FileNotFoundError:
+        die(f"gradient file {path} does not exist (run save_grad.py first)")
+    except (SafeTensorError, OSError, ValueError) as e:
+        die(f"gradient file {path} is not a readable safetensors file ({str(e).splitlines()[0]})")
+    for name, g in grads.items():
+        if not torch.isfinite(g).all():
+            die(f"gradient file {path} holds NaN or Inf values (first in {name})")
+    return grads
+
+
+def check_gradient_matches(grads, model, path=""):
+    """Name the first missing, extra and mis-shaped tensors instead of failing deep inside torch."""
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in grads]
+    extra = [n for n in grads if n not in params]
+    shaped = [n for n in params if n in grads and grads[n].shape != params[n].shape]
+    if missing or extra or shaped:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} extra (first {extra[0]})")
+        if shaped:
+            n = shaped[0]
+            parts.append(f"{len(shaped)} mis-shaped (first {n}: {tuple(grads[n].shape)} vs {tuple(params[n].shape)})")
+        die(f"gradient {path} does not match the proxy: " + "; ".join(parts))
+
+
+@torch.no_grad()
+def perturbed_proxies(proxy, grads, eps):
+    """theta +/- eps g, computed in fp32 and cast to the proxy's dtype once, before sampling.
+
+    In low precision a small eps*g can round away entirely, so report the fraction of weights the
+    cast actually changed, and the RMS of the weights and of g."""
+    plus, minus = copy.deepcopy(proxy), copy.deepcopy(proxy)
+    n_total = changed_plus = changed_minus = 0
+    sq_param = sq_grad = 0.0
+    for (name, p), q_plus, q_minus in zip(proxy.named_parameters(), plus.parameters(), minus.parameters()):
+        base = p.detach().float()
+        step = eps * grads[name].to(device=p.device, dtype=torch.float32)
+        q_plus.copy_((base + step).to(p.dtype))
+        q_minus.copy_((base - step).to(p.dtype))
+        n_total += p.numel()
+        changed_plus += (q_plus != p).sum().item()
+        changed_minus += (q_minus != p).sum().item()
+        sq_param += base.pow(2).sum().item()
+        sq_grad += grads[name].float().pow(2).sum().item()
+    diagnostics = {
+        "proxy_dtype": str(next(proxy.parameters()).dtype).replace("torch.", ""),
+        "frac_weights_changed_plus": changed_plus / n_total,
+        "frac_weights_changed_minus": changed_minus / n_total,
+        "param_rms": math.sqrt(sq_param / n_total),
+        "grad_rms": math.sqrt(sq_grad / n_total),
+        "grad_norm": math.sqrt(sq_grad),
+    }
+    return plus.eval(), minus.eval(), diagnostics
+
+
+def exact_delta(proxy, grads, input_ids, attention_mask, position_ids):
+    """d/d eps log_softmax(z(theta + eps g)) at eps = 0, for the last position, by forward-mode AD
+    (paper App. C).  Recomputes the whole sequence: a correctness reference, not a fast path."""
+    from torch.func import functional_call, jvp
+    names = [n for n, _ in proxy.named_parameters()]
+    primals = tuple(p.detach() for _, p in proxy.named_parameters())
+    tangents = tuple(grads[n].to(p.device, p.dtype) for n, p in zip(names, primals))
+
+    def last_logprobs(*weights):
+        out = functional_call(proxy, dict(zip(names, weights)),
+                              args=(), kwargs=dict(input_ids=input_ids, attention_mask=attention_mask,
+                                                   position_ids=position_ids, use_cache=False))
+        return F.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    # forward-mode AD has no rule for the fused SDPA kernels: run this call with eager attention
+    previous = proxy.config._attn_implementation
+    proxy.set_attn_implementation("eager")
+    try:
+        _, tangent_out = jvp(last_logprobs, primals, tangents)
+    finally:
+        proxy.set_attn_implementation(previous)
+    return tangent_out
+
+
+# reference decode loop
+
+def _positions(mask):
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _left_pad(prompts, pad_id, device):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, device=device)
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def cache_kwarg(model):
+    """transformers renamed the forward argument past_key_values to cache (5.2x); accept both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class CachedModel:
+    """One model with its own KV cache, fed left-padded prompts then one token per step; returns
+    the logits of the newest position only, cut to the tokenizer's ids."""
+
+    def __init__(self, model, vocab_size):
+        self.model, self.vocab_size, self.cache = model, vocab_size, None
+        self.cache_arg = cache_kwarg(model)
+        width = model.get_output_embeddings().weight.shape[0]
+        if width < vocab_size:
+            die(f"model output width {width} is smaller than the tokenizer's {vocab_size} ids")
+
+    def prefill(self, ids, mask):
+        # a fresh cache per batch: the reference reused a stale one (defect 5)
+        self.cache = DynamicCache(config=self.model.config)
+        return self._forward(ids, mask, _positions(mask))
+
+    def step(self, tokens, mask, positions):
+        return self._forward(tokens[:, None], mask, positions[:, None])
+
+    def _forward(self, ids, mask, positions):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        return out.logits[:, -1, :self.vocab_size]
+
+
+@torch.no_grad()
+def generate_reference(models, prompts, rows, max_new, params, progress=None):
+    """Decode a batch with a Hugging Face KV cache per model.  prompts: token id lists; rows: the
+    prompt indices that key the noise; max_new: per-row token budgets.  Returns the generated ids
+    per row (EOS excluded) and whether each row ended with EOS."""
+    device = next(models.teacher.parameters()).device
+    ids, mask = _left_pad(prompts, models.pad_id, device)
+    rows_t = torch.tensor(rows, device=device)
+    budget = torch.tensor(max_new, device=device)
+    eos = torch.tensor(models.eos_ids, device=device)
+    use_fd = params.uses_proxy and params.ads_mode == "fd"
+    nets = [CachedModel(m, models.vocab_size) for m in
+            ([models.teacher, models.plus, models.minus] if use_fd else [models.teacher])]
+    logits = [net.prefill(ids, mask) for net in nets]
+    seen = _seen_mask(ids, mask, models.vocab_size) if params.repetition_penalty != 1.0 else None
+    positions = _positions(mask)[:, -1]
+    out = torch.full((len(prompts), max(max_new + [0])), models.pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros_like(budget)
+    done = budget <= 0
+    ended = torch.zeros_like(done)
+    for t in range(out.shape[1]):
+        u = row_uniforms(params.seed, rows_t, torch.full_like(rows_t, t))
+        delta = _delta(models, params, logits, ids, mask)
+        tok = next_tokens(logits[0], delta, params, u, seen)
+        is_eos = torch.isin(tok, eos) & ~done
+        write = ~done & ~is_eos
+        out[:, t] = torch.where(write, tok, models.pad_id)
+        lengths += write.long()
+        ended |= is_eos
+        done = done | is_eos | (lengths >= budget)
+        if progress:
+            progress(1)
+        if done.all():
+            break
+        tok = torch.where(done, models.pad_id, tok)
+        if seen is not None:
+            seen[torch.arange(len(tok)), tok] |= ~done
+        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+        positions = positions + 1
+        logits = [net.step(tok, mask, positions) for net in nets]
+    return [out[i, :n].tolist() for i, n in enumerate(lengths.tolist())], ended.tolist()
+
+
+def _delta(models, params, logits, ids, mask):
+    if not params.uses_proxy:
+        return None
+    if params.ads_mode == "fd":
+        return fd_delta(logits[1], logits[2], params.eps)
+    return exact_delta(models.proxy, models.grads, ids, mask, _positions(mask))[:, :models.vocab_size]
+
+
+def _seen_mask(ids, mask, vocab_size):
+    counts = torch.zeros((ids.shape[0], vocab_size), dtype=torch.long, device=ids.device)
+    counts.scatter_add_(1, ids.clamp(max=vocab_size - 1), mask.long())
+    return counts > 0

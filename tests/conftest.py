@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random models built from configs (no Hub), sized for CPU tests."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def tiny_qwen(vocab_size, seed, hidden=32, layers=2):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # larger logits than the default init, so distributions are not flat
+        model.lm_head.weight.mul_(40.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    return tiny_qwen(vocab_size=80, seed=0)
+
+
+@pytest.fixture(scope="session")
+def proxy():
+    return tiny_qwen(vocab_size=72, seed=1, hidden=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """The tiny teacher/proxy/student and GSM8K-schema data from make_tiny.py (built once)."""
+    import subprocess
+    out = tmp_path_factory.mktemp("tiny") / "assets"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "make_tiny.py"), "--out", str(out)], check=True)
+    return out
