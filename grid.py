@@ -1,0 +1,79 @@
+"""Print the (tau, lam, eps) sweep, one row per line as `tau lam eps` in %.2e.
+
+Rows are shuffled with random.Random(42), so any shard or any prefix of the sweep mixes ADS and
+temperature rows; the order is the same on every machine. Edit GRIDS to change the sweep.
+
+    python grid.py                                   # the paper's 59 rows
+    python grid.py --grid tiny --shard 1 --num-shards 4
+"""
+import argparse
+import random
+
+import numpy as np
+
+# Each grid: a row per tau; tau <= ADS_MAX_TAU expands into ADS rows with lam = b * eps for each b,
+# a larger tau gives one plain temperature row (lam = eps = 0).
+GRIDS = {
+    "paper": {  # DESIGN section 3: 2 ADS taus x 20 lams + 19 temperature taus = 59 rows
+        "taus": [0.9] + np.linspace(1.0, 2.0, 20).tolist(),
+        "lam_over_eps": np.linspace(0, 15, 20).tolist(),
+        "eps": 1e-2,
+    },
+    "tiny": {  # CI: one temperature row, two ADS rows (lam 0.05 and 0.2)
+        "taus": [0.9, 1.5],
+        "lam_over_eps": [5.0, 20.0],
+        "eps": 1e-2,
+    },
+}
+ADS_MAX_TAU = 1.0  # the paper pairs ADS with tau <= 1 and compares against hotter plain sampling
+SHUFFLE_SEED = 42  # the reference's seed; changing it reorders (and re-shards) every sweep
+
+
+def row_name(tau: float, lam: float, eps: float) -> str:
+    """The name every stage uses for a grid row's traces, models and evals."""
+    return f"tau{tau:.2e}_lam{lam:.2e}_eps{eps:.2e}"
+
+
+def grid_rows(name: str) -> list[tuple[float, float, float]]:
+    """All (tau, lam, eps) rows of grid `name`, shuffled with SHUFFLE_SEED."""
+    spec = GRIDS[name]
+    rows = []
+    for tau in spec["taus"]:
+        if tau <= ADS_MAX_TAU:
+            rows += [(float(tau), float(b * spec["eps"]), float(spec["eps"])) for b in spec["lam_over_eps"]]
+        else:
+            rows.append((float(tau), 0.0, 0.0))
+    random.Random(SHUFFLE_SEED).shuffle(rows)
+    return rows
+
+
+def shard_rows(rows: list, shard: int, num_shards: int) -> list:
+    """Rows whose index is shard mod num_shards; the shards 0..num_shards-1 partition `rows`."""
+    return [row for i, row in enumerate(rows) if i % num_shards == shard]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", default="paper", choices=sorted(GRIDS),
+                        help="which sweep to print (default: paper)")
+    parser.add_argument("--shard", type=int, default=0,
+                        help="print only this shard, 0-based (default: 0)")
+    parser.add_argument("--num-shards", type=int, default=1,
+                        help="number of shards, e.g. nodes or array jobs (default: 1)")
+    args = parser.parse_args(argv)
+    if args.num_shards < 1:
+        parser.error(f"--num-shards must be >= 1, got {args.num_shards}")
+    if not 0 <= args.shard < args.num_shards:
+        parser.error(f"--shard must be in [0, {args.num_shards}), got {args.shard}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rows = shard_rows(grid_rows(args.grid), args.shard, args.num_shards)
+    # One newline per row and nothing else: an empty shard prints nothing, never a blank line.
+    print("".join(f"{tau:.2e} {lam:.2e} {eps:.2e}\n" for tau, lam, eps in rows), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import grid
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELD = re.compile(r"^-?\d\.\d\de[+-]\d\d$")
+
+
+def run_grid(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "grid.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def cli_rows(*args: str) -> list[str]:
+    out = run_grid(*args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_paper_grid_has_40_ads_rows_and_19_temperature_rows():
+    rows = grid.grid_rows("paper")
+    assert len(rows) == 59
+    ads = [r for r in rows if r[0] <= 1.0]
+    temperature = [r for r in rows if r[0] > 1.0]
+    assert len(ads) == 40 and all(eps == 1e-2 for _, _, eps in ads)
+    assert len(temperature) == 19 and all(lam == eps == 0.0 for _, lam, eps in temperature)
+    assert len(set(rows)) == 59
+
+
+def test_cli_prints_three_2e_fields_per_line_and_no_empty_line():
+    out = run_grid()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith("\n") and not out.stdout.endswith("\n\n")
+    lines = out.stdout.splitlines()
+    assert len(lines) == 59
+    for line in lines:
+        fields = line.split(" ")
+        assert len(fields) == 3 and all(FIELD.match(f) for f in fields), line
+    assert "1.50e+00 0.00e+00 0.00e+00" in cli_rows("--grid", "tiny")
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 8])
+def test_shards_partition_the_grid(num_shards):
+    everything = cli_rows()
+    shards = [cli_rows("--shard", str(i), "--num-shards", str(num_shards)) for i in range(num_shards)]
+    assert sorted(line for shard in shards for line in shard) == sorted(everything)
+    for i in range(num_shards):
+        for j in range(i + 1, num_shards):
+            assert not set(shards[i]) & set(shards[j])
+
+
+@pytest.mark.parametrize("shard,num_shards", [(3, 3), (-1, 2), (0, 0)])
+def test_shard_outside_range_is_a_one_line_error(shard, num_shards):
+    out = run_grid("--shard", str(shard), "--num-shards", str(num_shards))
+    assert out.returncode == 2 and out.stdout == ""
+    assert re.search(r"grid\.py: error: --(shard|num-shards) must be", out.stderr.splitlines()[-1])
+
+
+def test_paper_grid_is_shuffled_yet_deterministic():
+    rows = grid.grid_rows("paper")
+    assert rows != sorted(rows) and rows != sorted(rows, reverse=True)
+    assert rows == grid.grid_rows("paper")
+    assert cli_rows() == cli_rows()
+
+
+def test_tiny_grid_has_a_temperature_row_and_two_ads_rows():
+    rows = grid.grid_rows("tiny")
+    assert sum(lam == eps == 0.0 for _, lam, eps in rows) >= 1
+    assert sum(lam > 0 and eps > 0 for _, lam, eps in rows) >= 2
+
+
+def test_row_name_uses_the_cli_formatting():
+    assert grid.row_name(0.9, 0.05, 1e-2) == "tau9.00e-01_lam5.00e-02_eps1.00e-02"
+    assert grid.row_name(1.5, 0.0, 0.0) == "tau1.50e+00_lam0.00e+00_eps0.00e+00"

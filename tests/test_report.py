@@ -1,0 +1,95 @@
+import json
+import re
+
+import pytest
+
+import report
+
+ADS = "tau9.00e-01_lam5.00e-02_eps1.00e-02"
+ADS_NO_STUDENT = "tau1.00e+00_lam2.00e-01_eps1.00e-02"
+TEMPERATURE = "tau1.50e+00_lam0.00e+00_eps0.00e+00"
+
+
+def entry(name, af, raw, n=100, tau=0.0, lam=0.0, eps=0.0):
+    return dict(name=name, data_split="gsm8k_test", model="m", tau=tau, lam=lam, eps=eps, n=n,
+                raw_accuracy=raw, af_accuracy=af, created="2025-01-01T00:00:00")
+
+
+def write_registry(exp_dir, lines):
+    (exp_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    path = exp_dir / "metadata" / "trace_registry.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture
+def exp_dir(tmp_path):
+    entries = [
+        entry("holdout", 0.91, 0.88, n=50),
+        entry(ADS, None, None, tau=0.9, lam=0.05, eps=0.01),  # a train trace: not an eval, ignored
+        entry(f"eval_teacher_{ADS}", 0.10, 0.05, tau=0.9, lam=0.05, eps=0.01),  # superseded by the rerun
+        entry(f"eval_student_{ADS}", 0.40, 0.35),
+        entry(f"eval_teacher_{TEMPERATURE}", 0.70, 0.60, tau=1.5),
+        entry(f"eval_student_{TEMPERATURE}", 0.55, 0.50),
+        entry(f"eval_teacher_{ADS_NO_STUDENT}", 0.62, 0.58, tau=1.0, lam=0.2, eps=0.01),
+        entry(f"eval_teacher_{ADS}", 0.80, 0.75, tau=0.9, lam=0.05, eps=0.01),
+        entry("eval_student_base", 0.45, 0.42),
+    ]
+    write_registry(tmp_path, [json.dumps(e) for e in entries])
+    return tmp_path
+
+
+def table_rows(text):
+    return [[c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith(("| ADS", "| temperature"))]
+
+
+def test_report_table_has_one_row_per_grid_row_and_last_entry_wins(exp_dir):
+    report.main(["--exp-dir", str(exp_dir)])
+    rows = table_rows((exp_dir / "report.md").read_text())
+    assert rows == [
+        ["ADS", "0.9", "0.05", "0.01", "80.0", "75.0", "40.0", "35.0", "100"],
+        ["ADS", "1", "0.2", "0.01", "62.0", "58.0", "-", "-", "100"],
+        ["temperature", "1.5", "0", "0", "70.0", "60.0", "55.0", "50.0", "100"],
+    ]
+
+
+def test_report_states_holdout_and_undistilled_student_accuracy(exp_dir):
+    report.main(["--exp-dir", str(exp_dir)])
+    text = (exp_dir / "report.md").read_text()
+    assert text.startswith("# ")
+    assert "Teacher greedy on holdout: af 91.0%, raw 88.0% (n=50)" in text
+    assert "Undistilled student on test: af 45.0%, raw 42.0% (n=100)" in text
+
+
+def test_tradeoff_plot_is_a_png(exp_dir):
+    report.main(["--exp-dir", str(exp_dir)])
+    png = (exp_dir / "tradeoff.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    assert not list(exp_dir.glob("*.tmp"))
+
+
+def test_row_missing_its_student_eval_is_kept_with_no_student(exp_dir):
+    rows = report.collect_rows(report.load_registry(exp_dir / "metadata" / "trace_registry.jsonl"))
+    assert [(r["teacher"] is not None, r["student"] is not None) for r in rows] == [
+        (True, True), (True, False), (True, True)]
+
+
+def test_malformed_registry_line_is_a_one_line_error_naming_the_line(tmp_path):
+    path = write_registry(tmp_path, [json.dumps(entry("holdout", 0.9, 0.9)), '{"name": "eval_teacher_', "{}"])
+    with pytest.raises(SystemExit) as e:
+        report.main(["--exp-dir", str(tmp_path)])
+    message = str(e.value.code)
+    assert f"{path}:2:" in message and "\n" not in message
+
+
+def test_registry_line_without_a_name_is_malformed(tmp_path):
+    path = write_registry(tmp_path, [json.dumps({"n": 3})])
+    with pytest.raises(SystemExit, match=re.escape(f"{path}:1:")):
+        report.main(["--exp-dir", str(tmp_path)])
+
+
+def test_missing_registry_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="registry not found"):
+        report.main(["--exp-dir", str(tmp_path)])
+    assert not (tmp_path / "report.md").exists()
