@@ -191,7 +191,7 @@ def perturbed_proxies(proxy, grads, eps):
     return plus.eval(), minus.eval(), diagnostics
 
 
-def exact_delta(proxy, grads, input_ids, attention_mask, position_ids):
+def exact_delta(proxy, grads, input_ids, attention_mask, position_ids, vocab_size):
     """d/d eps log_softmax(z(theta + eps g)) at eps = 0, for the last position, by forward-mode AD
     (paper App. C).  Recomputes the whole sequence: a correctness reference, not a fast path."""
     from torch.func import functional_call, jvp
@@ -203,7 +203,7 @@ def exact_delta(proxy, grads, input_ids, attention_mask, position_ids):
         out = functional_call(proxy, dict(zip(names, weights)),
                               args=(), kwargs=dict(input_ids=input_ids, attention_mask=attention_mask,
                                                    position_ids=position_ids, use_cache=False))
-        return F.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return F.log_softmax(out.logits[:, -1, :vocab_size].float(), dim=-1)
 
     # forward-mode AD has no rule for the fused SDPA kernels: run this call with eager attention
     previous = proxy.config._attn_implementation
@@ -311,10 +311,25 @@ def _delta(models, params, logits, ids, mask):
         return None
     if params.ads_mode == "fd":
         return fd_delta(logits[1], logits[2], params.eps)
-    return exact_delta(models.proxy, models.grads, ids, mask, _positions(mask))[:, :models.vocab_size]
+    return exact_delta(models.proxy, models.grads, ids, mask, _positions(mask), models.vocab_size)
 
 
 def _seen_mask(ids, mask, vocab_size):
     counts = torch.zeros((ids.shape[0], vocab_size), dtype=torch.long, device=ids.device)
     counts.scatter_add_(1, ids.clamp(max=vocab_size - 1), mask.long())
     return counts > 0
+
+
+def generate(models, prompts, rows, max_new, params, batch_size, engine="auto", progress=None):
+    """Decode all prompts with batch_size slots: the fast engine (engine.py) by default, the
+    reference loop over fixed chunks when engine='reference'."""
+    if engine == "auto":
+        import engine as fast
+        return fast.generate(models, prompts, rows, max_new, params, batch_size, progress=progress)
+    outs, ended = [], []
+    for s in range(0, len(prompts), batch_size):
+        sl = slice(s, s + batch_size)
+        o, e = generate_reference(models, prompts[sl], rows[sl], max_new[sl], params, progress)
+        outs += o
+        ended += e
+    return outs, ended

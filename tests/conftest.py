@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def tiny_qwen(vocab_size, seed, hidden=32, layers=2):
+def tiny_qwen(vocab_size, seed, hidden=32, layers=2, sharpen=40.0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -16,7 +16,7 @@ def tiny_qwen(vocab_size, seed, hidden=32, layers=2):
                       max_position_embeddings=256, tie_word_embeddings=False)
     model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     with torch.no_grad():  # larger logits than the default init, so distributions are not flat
-        model.lm_head.weight.mul_(40.0)
+        model.lm_head.weight.mul_(sharpen)
     return model.eval()
 
 

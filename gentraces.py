@@ -1,0 +1,287 @@
+"""Generate reasoning traces: greedy holdout traces, ADS or temperature-sampled training traces, and
+evaluation traces, each graded before and after answer forcing.
+
+Writes EXP_DIR/traces/NAME (datasets on disk; the pipeline's sentinel, renamed into place last),
+NAME.parquet, NAME.yaml (resolved config + stats) and one line of EXP_DIR/metadata/trace_registry.jsonl.
+Finished chunks are kept in EXP_DIR/traces/.NAME.work, so a killed run resumes where it stopped.
+
+    accelerate launch --config_file acc_config.yaml gentraces.py data_split=gsm8k_train \
+        tau=0.9 lam=0.05 eps=0.01 grad_path=exp/student_grads.safetensors exp_dir=exp trace_name=demo
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sampling
+import utils
+from utils import die
+
+
+def validate(cfg):
+    """Every user error is caught here, before a model is loaded or a file written."""
+    if not cfg.trace_name:
+        die("trace_name is required (e.g. trace_name=holdout)")
+    utils.parse_split(cfg.data_split)
+    if cfg.tau is None or cfg.tau < 0:
+        die(f"tau must be >= 0 (0 = greedy), got {cfg.tau}")
+    if cfg.lam and (cfg.eps is None or cfg.eps <= 0):
+        die(f"eps must be > 0 with lam > 0, got {cfg.eps}")
+    if cfg.top_p is None or not 0 < cfg.top_p <= 1:
+        die(f"top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k is None or cfg.top_k < 0:
+        die(f"top_k must be >= 0 (0 = off), got {cfg.top_k}")
+    if cfg.max_prompt_length >= cfg.max_length:
+        die(f"max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length})")
+    if cfg.batch_size < 1:
+        die(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.ads_mode not in ("fd", "jvp"):
+        die(f"ads_mode must be fd or jvp, got {cfg.ads_mode!r}")
+    if cfg.engine not in ("auto", "reference"):
+        die(f"engine must be auto or reference, got {cfg.engine!r}")
+    if cfg.lam and cfg.tau == 0:
+        die("tau=0 is greedy decoding on the teacher; lam must be 0 with it")
+    if cfg.lam and not cfg.grad_path:
+        die("lam > 0 needs grad_path (the safetensors file written by save_grad.py)")
+
+
+def sampling_params(cfg):
+    return sampling.SamplingParams(tau=float(cfg.tau), lam=float(cfg.lam or 0.0), eps=float(cfg.eps or 0.0),
+                                   top_p=float(cfg.top_p), top_k=int(cfg.top_k),
+                                   repetition_penalty=float(cfg.repetition_penalty),
+                                   seed=int(cfg.seed), ads_mode=cfg.ads_mode)
+
+
+def load_prompts(cfg, tokenizer):
+    """Render every question with the generating model's own chat template; prompts longer than
+    max_prompt_length are dropped and counted."""
+    examples = utils.load_split(cfg.data_split, cfg.data_dir, cfg.max_samples)
+    marker = utils.assistant_marker(tokenizer)
+    kept, dropped = [], 0
+    for ex in examples:
+        text = utils.render_generation_prompt(tokenizer, cfg.system_prompt, ex["question"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.max_prompt_length:
+            dropped += 1
+            continue
+        kept.append({**ex, "rendered": text, "prompt_ids": ids})
+    if not kept:
+        die(f"no prompts left in {cfg.data_split} after dropping {dropped} longer than "
+            f"max_prompt_length={cfg.max_prompt_length}")
+    return kept, marker, dropped
+
+
+def eos_ids(tokenizer, model):
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def preflight_proxy(cfg, teacher_tok):
+    """Check the proxy's tokenizer and the gradient against the proxy's shapes (built on the meta
+    device, so nothing is loaded) before any weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    proxy_tok = utils.load_tokenizer(cfg.proxy, cfg.trust_remote_code)
+    if not utils.same_tokenizer(teacher_tok, proxy_tok):
+        die(f"teacher {cfg.teacher} and proxy {cfg.proxy} have different tokenizers; ADS needs shared ids")
+    grads = sampling.load_gradient(cfg.grad_path)
+    config = AutoConfig.from_pretrained(cfg.proxy, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    sampling.check_gradient_matches(grads, skeleton, cfg.grad_path)
+    return grads
+
+
+def load_models(cfg, tokenizer, grads, params, device):
+    dtype = utils.torch_dtype(cfg.dtype, device)
+    load = lambda path: utils.load_model(path, dtype, device, cfg.attn_implementation, cfg.trust_remote_code)
+    teacher = load(cfg.teacher)
+    models = sampling.DecodeModels(teacher=teacher, vocab_size=len(tokenizer),
+                                   eos_ids=eos_ids(tokenizer, teacher), pad_id=tokenizer.pad_token_id)
+    if params.uses_proxy:
+        proxy = load(cfg.proxy)
+        models.plus, models.minus, models.diagnostics = sampling.perturbed_proxies(proxy, grads, params.eps)
+        if params.ads_mode == "jvp":
+            models.proxy, models.grads = proxy, grads
+        else:
+            del proxy
+    return models
+
+
+def run_fingerprint(cfg):
+    """Chunks on disk are reused only by a run with the same generation-relevant config."""
+    keys = ("teacher", "proxy", "grad_path", "dtype", "data_split", "data_dir", "max_samples",
+            "system_prompt", "seed", "max_length", "max_prompt_length", "tau", "lam", "eps", "top_p",
+            "top_k", "repetition_penalty", "ads_mode", "answer_force", "answer_force_tokens")
+    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_workdir(cfg, state):
+    work = Path(cfg.exp_dir) / "traces" / f".{cfg.trace_name}.work"
+    stamp = work / "fingerprint"
+    fp = run_fingerprint(cfg)
+    if state.is_main_process:
+        if work.exists() and (not stamp.exists() or stamp.read_text() != fp):
+            shutil.rmtree(work)  # chunks from a different config must not leak into this run
+        work.mkdir(parents=True, exist_ok=True)
+        utils.atomic_write_text(stamp, fp)
+    else:
+        while not stamp.exists() or stamp.read_text() != fp:
+            time.sleep(0.2)
+    return work
+
+
+def answer_force(models, tokenizer, rows, cfg, batch_size, engine):
+    """Close the trace (</think> if missing), append the forcing string and decode greedily with the
+    generating model alone."""
+    suffix_plain = tokenizer(utils.AF_SUFFIX, add_special_tokens=False)["input_ids"]
+    suffix_close = tokenizer("\n" + utils.THINK_CLOSE + utils.AF_SUFFIX, add_special_tokens=False)["input_ids"]
+    prompts = [r["prompt_ids"] + r["gen_ids"] + (suffix_plain if utils.THINK_CLOSE in r["completion"]
+                                                 else suffix_close) for r in rows]
+    greedy = sampling.SamplingParams(tau=0.0)
+    teacher_only = sampling.DecodeModels(teacher=models.teacher, vocab_size=models.vocab_size,
+                                         eos_ids=models.eos_ids, pad_id=models.pad_id)
+    n = [cfg.answer_force_tokens] * len(rows)
+    outs, _ = sampling.generate(teacher_only, prompts, [r["idx"] for r in rows], n, greedy, batch_size, engine)
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def generate_chunk(models, tokenizer, chunk, marker, cfg, params, progress):
+    budgets = [cfg.max_length - len(ex["prompt_ids"]) for ex in chunk]
+    outs, ended = sampling.generate(models, [ex["prompt_ids"] for ex in chunk], [ex["idx"] for ex in chunk],
+                                    budgets, params, cfg.batch_size, cfg.engine, progress)
+    rows = []
+    for ex, gen, fin in zip(chunk, outs, ended):
+        split = utils.split_at_marker(ex["rendered"], marker)
+        prompt, head = split if split else (ex["rendered"], "")
+        completion = head + tokenizer.decode(gen, skip_special_tokens=False)
+        rows.append({"idx": ex["idx"], "question": ex["question"], "gold": ex["gold"],
+                     "system": cfg.system_prompt, "prompt": prompt, "completion": completion,
+                     "has_marker": split is not None, "n_tokens": len(gen), "finished": bool(fin),
+                     "prompt_ids": ex["prompt_ids"], "gen_ids": gen})
+    forced = answer_force(models, tokenizer, rows, cfg, cfg.batch_size, cfg.engine) if cfg.answer_force \
+        else [""] * len(rows)
+    for row, f in zip(rows, forced):
+        row["forced"] = f
+        del row["prompt_ids"], row["gen_ids"]
+    return rows
+
+
+def generate_all(cfg, state, models, tokenizer, examples, marker, work):
+    """Chunk c goes to process c % world; a chunk already on disk is skipped (resume)."""
+    params = sampling_params(cfg)
+    size = cfg.batch_size * 4  # chunk = resume granularity; 4 x slots keeps continuous batching busy
+    chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
+    mine = [c for c in range(len(chunks)) if c % state.num_processes == state.process_index]
+    todo = [c for c in mine if not (work / f"chunk{c:05d}.jsonl").exists()]
+    bar = progress_bar(state, sum(len(chunks[c]) for c in mine), sum(len(chunks[c]) for c in mine if c not in todo))
+    for c in todo:
+        rows = generate_chunk(models, tokenizer, chunks[c], marker, cfg, params, None)
+        utils.atomic_write_text(work / f"chunk{c:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        bar.update(len(rows))
+    bar.close()
+    return len(chunks)
+
+
+def progress_bar(state, total, done):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc=f"traces (rank {state.process_index})", unit="row",
+                disable=not state.is_main_process, dynamic_ncols=True)
+
+
+def gather(work, n_chunks):
+    """Main process: wait for every chunk file (other ranks may still be decoding), in input order."""
+    paths = [work / f"chunk{c:05d}.jsonl" for c in range(n_chunks)]
+    while not all(p.exists() for p in paths):
+        time.sleep(1.0)
+    rows = [r for p in paths for r in utils.read_jsonl(p)]
+    return sorted(rows, key=lambda r: r["idx"])
+
+
+def grade(rows, dataset, colname):
+    for r in rows:
+        r["raw_pred"] = utils.extract_boxed(r["completion"])
+        r["af_pred"] = utils.forced_answer(r["forced"]) if r["forced"] else r["raw_pred"]
+        r["raw_correct"] = utils.is_correct(dataset, r["raw_pred"], r["gold"])
+        r["af_correct"] = utils.is_correct(dataset, r["af_pred"], r["gold"])
+        r[colname] = r["prompt"] + r["completion"]
+    return rows
+
+
+def trace_stats(rows, n_dropped, seconds):
+    lengths = sorted(r["n_tokens"] for r in rows)
+    n = len(rows)
+    pct = lambda q: lengths[min(n - 1, int(q * n))]
+    return {
+        "n": n,
+        "raw_accuracy": sum(r["raw_correct"] for r in rows) / n,
+        "af_accuracy": sum(r["af_correct"] for r in rows) / n,
+        "n_dropped_long_prompt": n_dropped,
+        "n_without_marker": sum(not r["has_marker"] for r in rows),
+        "n_unparseable_raw": sum(r["raw_pred"] is None for r in rows),
+        "n_unparseable_af": sum(r["af_pred"] is None for r in rows),
+        "finished_fraction": sum(r["finished"] for r in rows) / n,
+        "length_mean": sum(lengths) / n,
+        "length_median": pct(0.5),
+        "length_p90": pct(0.9),
+        "length_max": lengths[-1],
+        "generated_tokens": sum(lengths),
+        "wall_seconds": round(seconds, 2),
+    }
+
+
+def save_outputs(cfg, rows, stats, diagnostics):
+    """parquet, yaml sidecar, registry line, then the dataset directory: the sentinel comes last."""
+    import datasets
+    traces = Path(cfg.exp_dir) / "traces"
+    name = cfg.trace_name
+    ds = datasets.Dataset.from_list(rows)
+    tmp_parquet = traces / f".{name}.parquet.tmp-{os.getpid()}"
+    ds.to_parquet(str(tmp_parquet))
+    os.replace(tmp_parquet, traces / f"{name}.parquet")
+    sidecar = {"config": vars(cfg), "stats": stats, "diagnostics": diagnostics}
+    utils.atomic_write_text(traces / f"{name}.yaml", utils.to_yaml(sidecar))
+    utils.append_registry(cfg.exp_dir, {
+        "name": name, "path": str(traces / name), "data_split": cfg.data_split, "model": cfg.teacher,
+        "tau": float(cfg.tau), "lam": float(cfg.lam or 0.0), "eps": float(cfg.eps or 0.0),
+        "n": stats["n"], "raw_accuracy": stats["raw_accuracy"], "af_accuracy": stats["af_accuracy"]})
+    tmp_dir = traces / f".{name}.tmp-{os.getpid()}"
+    ds.save_to_disk(str(tmp_dir))
+    utils.atomic_publish_dir(tmp_dir, traces / name)
+
+
+def main(argv):
+    cfg = utils.load_config("gen_config.yaml", argv)
+    validate(cfg)
+    from accelerate import PartialState
+    state = PartialState()
+    utils.seed_everything(cfg.seed)
+    params = sampling_params(cfg)
+    tokenizer = utils.load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code)
+    grads = preflight_proxy(cfg, tokenizer) if params.uses_proxy else None
+    examples, marker, n_dropped = load_prompts(cfg, tokenizer)
+    start = time.time()
+    models = load_models(cfg, tokenizer, grads, params, state.device)
+    work = prepare_workdir(cfg, state)
+    n_chunks = generate_all(cfg, state, models, tokenizer, examples, marker, work)
+    if not state.is_main_process:
+        return
+    rows = grade(gather(work, n_chunks), utils.parse_split(cfg.data_split)[0], cfg.trace_colname)
+    stats = trace_stats(rows, n_dropped, time.time() - start)
+    diagnostics = {**models.diagnostics, "processes": state.num_processes, "device": str(state.device),
+                   "engine": cfg.engine, "vocab_size": models.vocab_size}
+    save_outputs(cfg, rows, stats, diagnostics)
+    shutil.rmtree(work, ignore_errors=True)
+    utils.log(f"{cfg.trace_name}: n={stats['n']} raw_acc={stats['raw_accuracy']:.3f} "
+              f"af_acc={stats['af_accuracy']:.3f} mean_len={stats['length_mean']:.1f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

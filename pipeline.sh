@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Antidistillation sampling end to end: holdout traces -> proxy gradient -> for each grid row
+# (train traces -> distilled student -> student eval -> teacher eval) -> report.
+# Every stage is skipped when its output exists, so a killed run is resumed by running it again.
+#
+#   bash pipeline.sh                                    # GSM8K, paper models, one 8-GPU node
+#   EXP_DIR=exp/gsm8k SHARD=0 NUM_SHARDS=4 bash pipeline.sh   # a quarter of the grid (one node of four)
+#   bash pipeline_math.sh | bash pipeline_mmlu.sh | bash pipeline_tiny.sh   # wrappers setting the variables below
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATASET=${DATASET:-gsm8k}                     # gsm8k | hendrycks_math | mmlu
+EXP_DIR=${EXP_DIR:-exp/$DATASET}
+TEACHER=${TEACHER:-deepseek-ai/DeepSeek-R1-Distill-Qwen-7B}
+PROXY=${PROXY:-Qwen/Qwen2.5-3B}
+STUDENT=${STUDENT:-meta-llama/Llama-3.2-3B}
+STUDENT_TOKENIZER=${STUDENT_TOKENIZER:-meta-llama/Llama-3.2-3B-Instruct}   # the base model has no chat template
+GRID=${GRID:-paper}                           # a grid name from grid.py
+SHARD=${SHARD:-0}
+NUM_SHARDS=${NUM_SHARDS:-1}
+BATCH=${BATCH:-512}                           # decode slots per process without ADS
+ADS_BATCH=${ADS_BATCH:-192}                   # with ADS three models share the GPU
+HOLDOUT_MAX_SAMPLES=${HOLDOUT_MAX_SAMPLES:-null}
+MAX_SAMPLES=${MAX_SAMPLES:-null}              # cap on train and test prompts
+LAUNCH=${LAUNCH:-accelerate launch --config_file acc_config.yaml}
+read -ra GEN_EXTRA <<<"${GEN_ARGS:-}"        # extra key=value overrides for every gentraces.py run
+read -ra GRAD_EXTRA <<<"${GRAD_ARGS:-}"
+read -ra TRAIN_EXTRA <<<"${TRAIN_ARGS:-}"
+# a free rendezvous port per pipeline, so two pipelines can share a machine
+PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+read -ra LAUNCHER <<<"$LAUNCH --main_process_port $PORT"
+
+TRACES=$EXP_DIR/traces
+GRADS=$EXP_DIR/student_grads.safetensors
+mkdir -p "$TRACES" "$EXP_DIR/models" "$EXP_DIR/logs"
+
+gentraces() { "${LAUNCHER[@]}" gentraces.py exp_dir="$EXP_DIR" "${GEN_EXTRA[@]}" "$@"; }
+stage() { echo "== $(date +%H:%M:%S) $*" >&2; }
+
+# 1. holdout traces: the teacher, greedy, on the holdout split
+if [[ ! -d $TRACES/holdout ]]; then
+    stage "holdout traces"
+    gentraces teacher="$TEACHER" data_split="${DATASET}_holdout" tau=0 lam=0 \
+        max_samples="$HOLDOUT_MAX_SAMPLES" batch_size="$BATCH" trace_name=holdout
+fi
+
+# 2. proxy gradient g of the proxy's completion loss on the holdout traces
+if [[ ! -f $GRADS ]]; then
+    stage "proxy gradient"
+    "${LAUNCHER[@]}" save_grad.py proxy="$PROXY" traces="$TRACES/holdout" out="$GRADS" "${GRAD_EXTRA[@]}"
+fi
+
+# 3-6. one grid row: tau lam eps, names use %.2e; lam = 0 is plain temperature sampling
+while read -r TAU LAM EPS; do
+    NAME=tau${TAU}_lam${LAM}_eps${EPS}
+    ROW=(tau="$TAU" lam="$LAM" eps="$EPS" grad_path="$GRADS")
+    ROW_BATCH=$BATCH
+    [[ $LAM == 0.00e+00 ]] || ROW_BATCH=$ADS_BATCH
+    MODEL_DIR=$EXP_DIR/models/student_$NAME
+
+    if [[ ! -d $TRACES/$NAME ]]; then
+        stage "$NAME: train traces"
+        gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_train" "${ROW[@]}" \
+            max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="$NAME"
+    fi
+    if [[ ! -d $MODEL_DIR/final ]]; then
+        stage "$NAME: distill"
+        "${LAUNCHER[@]}" distill.py student="$STUDENT" student_tokenizer="$STUDENT_TOKENIZER" \
+            train_traces="$TRACES/$NAME" eval_traces="$TRACES/holdout" output_dir="$MODEL_DIR" "${TRAIN_EXTRA[@]}"
+    fi
+    if [[ ! -d $TRACES/eval_student_$NAME ]]; then
+        stage "$NAME: student eval"
+        gentraces teacher="$MODEL_DIR/final" data_split="${DATASET}_test" tau=0 lam=0 \
+            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$NAME"
+    fi
+    if [[ ! -d $TRACES/eval_teacher_$NAME ]]; then
+        stage "$NAME: teacher eval"
+        gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_test" "${ROW[@]}" \
+            max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="eval_teacher_$NAME"
+    fi
+done < <(python grid.py --grid "$GRID" --shard "$SHARD" --num-shards "$NUM_SHARDS")
+
+# the undistilled student, the reference line of the trade-off plot
+if [[ ! -d $TRACES/eval_student_base ]]; then
+    stage "undistilled student eval"
+    gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \
+        max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_student_base
+fi
+
+# report: table and trade-off plot over every row finished so far (all shards share EXP_DIR)
+stage "report"
+python report.py --exp-dir "$EXP_DIR"
+echo "done: $EXP_DIR/report.md $EXP_DIR/tradeoff.png" >&2

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole pipeline on CPU, offline, in minutes: tiny models and data built locally by make_tiny.py,
+# two accelerate processes, the 3-row tiny grid, then the report.
+#
+#   EXP_DIR=$(mktemp -d) bash pipeline_tiny.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+
+export EXP_DIR=${EXP_DIR:-exp/tiny}
+TINY=${TINY_ASSETS:-$EXP_DIR/assets}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # two processes on two cores
+
+python make_tiny.py --out "$TINY"
+
+export TEACHER=$TINY/teacher PROXY=$TINY/proxy STUDENT=$TINY/student STUDENT_TOKENIZER=$TINY/student
+export DATASET=gsm8k GRID=tiny BATCH=64 ADS_BATCH=64
+export LAUNCH="accelerate launch --cpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+# prompts are <= 70 tokens and traces ~30 with the tiny tokenizer
+export GEN_ARGS="data_dir=$TINY/data max_length=160 max_prompt_length=96 ${GEN_ARGS:-}"
+export GRAD_ARGS="batch_size=8 max_length=160 ${GRAD_ARGS:-}"
+export TRAIN_ARGS="lora_r=8 lora_alpha=16 max_length=160 epochs=3 global_batch_size=16 per_device_batch_size=8 ${TRAIN_ARGS:-}"
+exec bash pipeline.sh
