@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -261,7 +260,7 @@ def main(argv):
     cfg = utils.load_config("gen_config.yaml", argv)
     validate(cfg)
     from accelerate import PartialState
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
     utils.seed_everything(cfg.seed)
     params = sampling_params(cfg)
     tokenizer = utils.load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code)
@@ -284,4 +283,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    utils.run_cli(main)

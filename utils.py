@@ -41,13 +41,28 @@ def die(msg):
 
 # config
 
+def run_cli(main):
+    """Run a script's main(argv): a user error is one 'error: ...' line and exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e.msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_overrides(args):
     out = {}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or not key:
             die(f"expected key=value, got {arg!r}")
-        out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        parsed = yaml.safe_load(value) if value != "" else None
+        if isinstance(parsed, str) and _FLOAT.fullmatch(parsed):
+            parsed = float(parsed)  # YAML 1.1 reads 5e-4 (no dot) as a string
+        out[key.strip()] = parsed
     return out
 
 
@@ -203,6 +218,41 @@ def tokenize_example(tokenizer, system, question, completion, max_length):
     ids = (p_ids + c_ids)[:max_length]
     labels = ([-100] * len(p_ids) + c_ids)[:max_length]
     return ids, labels
+
+
+TRACE_COLUMNS = ("idx", "system", "question", "completion")  # what every consumer of traces reads
+
+
+def load_traces(path, columns=TRACE_COLUMNS):
+    """A trace dataset written by gentraces.py, or a one-line error saying what is wrong with it."""
+    import datasets  # imported here: most stages never need it
+    if not Path(path).exists():
+        die(f"trace dataset {path} does not exist (run gentraces.py first)")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except IndexError:  # datasets saves zero rows as zero data files, then cannot load them
+        die(f"trace dataset {path} is empty (no data files)")
+    except (FileNotFoundError, ValueError) as e:
+        die(f"trace dataset {path} is not a dataset saved with save_to_disk ({str(e).splitlines()[0]})")
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        die(f"trace dataset {path} lacks the columns {', '.join(missing)} (have {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        die(f"trace dataset {path} is empty")
+    return ds
+
+
+def tokenize_traces(ds, tokenizer, max_length):
+    """(input_ids, labels) per trace, and the idx of traces left with no completion token after
+    truncation to max_length (they would divide by zero in a token mean)."""
+    examples, dropped = [], []
+    for row in ds:
+        ids, labels = tokenize_example(tokenizer, row["system"], row["question"], row["completion"], max_length)
+        if any(label != -100 for label in labels):
+            examples.append((ids, labels))
+        else:
+            dropped.append(row["idx"])
+    return examples, dropped
 
 
 # grading

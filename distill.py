@@ -1,0 +1,184 @@
+"""Stage 4: LoRA SFT of the student on teacher traces (the distillation ADS tries to spoil).
+
+An example is the prompt rendered by the student's own chat template, then the teacher's completion
+and the student's EOS; only completion tokens count in the loss. Evaluates on the holdout traces and
+checkpoints every eval_every epochs, resumes from the latest checkpoint when restarted, and at the end
+merges the LoRA and writes model + student tokenizer to output_dir/final (the stage's sentinel).
+
+    accelerate launch --config_file acc_config.yaml distill.py train_traces=exp/traces/NAME \
+        eval_traces=exp/traces/holdout output_dir=exp/models/student_NAME
+"""
+import math
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from utils import (atomic_publish_dir, atomic_write_text, die, load_config, load_model, load_tokenizer,
+                   load_traces, log, run_cli, seed_everything, to_yaml, tokenize_traces, torch_dtype)
+
+
+def check_config(cfg):
+    for key in ("train_traces", "output_dir"):
+        if not getattr(cfg, key):
+            die(f"{key} is required (e.g. {key}=exp/...)")
+    if not 0 <= cfg.warmup_ratio < 1:
+        die(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.eval_every <= 0:
+        die(f"eval_every must be a positive fraction of an epoch, got {cfg.eval_every}")
+
+
+def build_examples(path, tokenizer, max_length, max_samples=None):
+    """Student-tokenized examples; traces left with no completion token after truncation are dropped."""
+    ds = load_traces(path)
+    if max_samples is not None:
+        ds = ds.select(range(min(int(max_samples), len(ds))))
+    pairs, dropped = tokenize_traces(ds, tokenizer, max_length)
+    examples = [{"input_ids": ids, "labels": labels} for ids, labels in pairs]
+    if not examples:
+        die(f"no trace in {path} keeps a completion token within max_length={max_length}")
+    return examples, len(dropped)
+
+
+def collate(batch, pad_id):
+    """Right-pad input_ids with pad_id and labels with -100; the attention mask hides the padding."""
+    width = max(len(ex["input_ids"]) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    mask = torch.zeros_like(input_ids)
+    for row, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.tensor(ex["input_ids"])
+        labels[row, :n] = torch.tensor(ex["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def student_with_lora(cfg, device):
+    model = load_model(cfg.student, torch_dtype(cfg.dtype, device), device, cfg.attn_implementation,
+                       cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:  # non-reentrant: the frozen embeddings' outputs need no grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def schedule(cfg, n_train, world):
+    """(gradient accumulation steps, optimizer steps per epoch, eval/checkpoint interval in steps)."""
+    per_pass = cfg.per_device_batch_size * world
+    accum = max(1, round(cfg.global_batch_size / per_pass))
+    if accum * per_pass != cfg.global_batch_size:
+        log(f"global_batch_size={cfg.global_batch_size} is not a multiple of per_device_batch_size x "
+            f"{world} processes; using {accum * per_pass}", os.environ.get("RANK", "0") == "0")
+    batches_per_epoch = math.ceil(n_train / per_pass)  # per process, as Trainer's sharded loader counts
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    return accum, steps_per_epoch, max(1, round(cfg.eval_every * steps_per_epoch))
+
+
+def training_args(cfg, accum, eval_steps, has_eval, dtype):
+    return TrainingArguments(
+        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=accum,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a share of all steps (transformers 5)
+        lr_scheduler_type=cfg.lr_scheduler,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,
+        logging_steps=max(1, eval_steps // 5),
+        seed=cfg.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),  # several CPU processes then talk over gloo
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+        report_to="none",
+    )
+
+
+def latest_checkpoint(checkpoints):
+    """The newest complete checkpoint (Trainer writes trainer_state.json last), or None."""
+    done = [p for p in Path(checkpoints).glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(done, key=lambda p: int(p.name.rpartition("-")[2]))) if done else None
+
+
+def save_final(model, tokenizer, output_dir):
+    """Merge the LoRA into the base weights and publish output_dir/final in one rename."""
+    merged = model.merge_and_unload()
+    # the student learned to stop with its tokenizer's EOS (<|eot_id|> for Llama 3 Instruct), which
+    # the base model's generation config may not list
+    gen = merged.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    gen.eos_token_id = list(dict.fromkeys([e for e in eos if e is not None] + [tokenizer.eos_token_id]))
+    gen.pad_token_id = tokenizer.pad_token_id
+    tmp = Path(output_dir) / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    atomic_publish_dir(tmp, Path(output_dir) / "final")
+
+
+def summary(cfg, trainer, result, resumed_from, counts):
+    """train_summary.yaml: losses by step, whether this run resumed, and the resolved config."""
+    history = trainer.state.log_history
+    return {
+        "train_loss": result.training_loss,
+        "train_losses": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "eval_losses": [{"step": h["step"], "epoch": h["epoch"], "loss": h["eval_loss"]}
+                        for h in history if "eval_loss" in h],
+        "global_step": trainer.state.global_step,
+        "resumed_from": resumed_from,
+        "world_size": trainer.args.world_size,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        **counts,
+        "config": vars(cfg),
+    }
+
+
+def main(argv):
+    cfg = load_config("train_config.yaml", argv)
+    check_config(cfg)
+    seed_everything(cfg.seed)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student, cfg.trust_remote_code)
+    train, dropped_train = build_examples(cfg.train_traces, tokenizer, cfg.max_length, cfg.max_samples)
+    evals, dropped_eval = build_examples(cfg.eval_traces, tokenizer, cfg.max_length) if cfg.eval_traces \
+        else (None, 0)
+
+    model = student_with_lora(cfg, device)
+    accum, steps_per_epoch, eval_steps = schedule(cfg, len(train), world)
+    args = training_args(cfg, accum, eval_steps, evals is not None, torch_dtype(cfg.dtype, device))
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                      data_collator=partial(collate, pad_id=tokenizer.pad_token_id))
+    resumed_from = latest_checkpoint(args.output_dir)
+    log(f"{len(train)} train / {len(evals or [])} eval examples (dropped {dropped_train} / {dropped_eval}), "
+        f"{steps_per_epoch} steps per epoch, eval and checkpoint every {eval_steps}"
+        + (f", resuming from {resumed_from}" if resumed_from else ""), trainer.is_world_process_zero())
+    result = trainer.train(resume_from_checkpoint=resumed_from)
+
+    if trainer.is_world_process_zero():
+        counts = dict(n_train=len(train), n_eval=len(evals or []), dropped_train=dropped_train,
+                      dropped_eval=dropped_eval)
+        atomic_write_text(Path(cfg.output_dir) / "train_summary.yaml",
+                          to_yaml(summary(cfg, trainer, result, resumed_from, counts)))
+        save_final(trainer.model, tokenizer, cfg.output_dir)
+        log(f"wrote {Path(cfg.output_dir) / 'final'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,96 @@
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import distill
+import trace_fixtures as tf
+from utils import ConfigError, load_tokenizer, render_generation_prompt
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    teacher_tok = tf.make_tokenizer(tf.TEACHER)
+    student = tf.save_student(root / "student", tf.make_tokenizer(tf.STUDENT))
+    train = tf.save_traces(root / "train", tf.trace_rows(teacher_tok, 16, seed=1))
+    holdout = tf.save_traces(root / "holdout", tf.trace_rows(teacher_tok, 4, seed=2))
+    return root, student, train, holdout
+
+
+def run(assets, output_dir, *overrides):
+    root, student, train, holdout = assets
+    distill.main([f"student={student}", f"student_tokenizer={student}", f"train_traces={train}",
+                  f"eval_traces={holdout}", f"output_dir={output_dir}", "lora_r=8", "lora_alpha=16",
+                  "learning_rate=0.01", "epochs=1", "global_batch_size=4", "max_length=256",
+                  *overrides])
+    return yaml.safe_load((output_dir / "train_summary.yaml").read_text())
+
+
+def test_labels_mask_exactly_the_student_rendered_prompt(assets):
+    root, student, train, _ = assets
+    tok = load_tokenizer(str(student))
+    examples, dropped = distill.build_examples(train, tok, max_length=4096)
+    batch = distill.collate(examples[:3], pad_id=tok.pad_token_id)
+    row = tf.trace_rows(tf.make_tokenizer(tf.TEACHER), 16, seed=1)[0]
+    prompt_ids = tok(render_generation_prompt(tok, row["system"], row["question"]),
+                     add_special_tokens=False)["input_ids"]
+    n = batch["attention_mask"][0].sum().item()
+    ids, labels = batch["input_ids"][0, :n], batch["labels"][0, :n]
+    assert dropped == 0
+    assert ids[:len(prompt_ids)].tolist() == prompt_ids
+    assert (labels[:len(prompt_ids)] == -100).all() and (labels[len(prompt_ids):] != -100).all()
+    assert tok.decode(labels[len(prompt_ids):]) == row["completion"] + tok.eos_token
+    assert "<|Assistant|>" not in tok.decode(ids) and "<|start_header_id|>assistant" in tok.decode(ids)
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == tok.pad_token_id).all()
+
+
+def test_short_run_writes_a_merged_model_and_summary(assets):
+    root, student, _, _ = assets
+    out = root / "run"
+    summary = run(assets, out)
+    final = out / "final"
+    assert not (out / ".final.tmp").exists()
+    assert not any("lora" in k for k in load_file(str(final / "model.safetensors")))
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    base = AutoModelForCausalLM.from_pretrained(str(student))
+    assert model.config.vocab_size == base.config.vocab_size
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert changed and all("proj" in n for n in changed)  # only LoRA-targeted weights moved
+    tok, student_tok = AutoTokenizer.from_pretrained(str(final)), AutoTokenizer.from_pretrained(str(student))
+    assert tok.get_vocab() == student_tok.get_vocab() and tok.chat_template == student_tok.chat_template
+    assert summary["global_step"] == 4 and summary["resumed_from"] is None
+    assert [e["step"] for e in summary["eval_losses"]] == [2, 4]
+    losses = [e["loss"] for e in summary["train_losses"]]
+    assert losses[-1] < losses[0]
+
+
+def test_rerun_resumes_from_the_latest_checkpoint(assets):
+    root, _, _, _ = assets
+    out = root / "resume"
+    first = run(assets, out, "max_steps=2")
+    assert first["global_step"] == 2 and (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
+    shutil.rmtree(out / "final")  # as if killed after the checkpoint, before the end
+    second = run(assets, out)
+    assert second["resumed_from"].endswith("checkpoint-2")
+    assert second["global_step"] == 4 and (out / "final" / "model.safetensors").exists()
+    assert [e["step"] for e in second["train_losses"]][:2] == [1, 2]  # history carried over
+
+
+def test_missing_or_empty_traces_are_one_line_errors(assets, tmp_path):
+    import datasets
+    root, student, _, _ = assets
+    tok = load_tokenizer(str(student))
+    with pytest.raises(ConfigError, match="does not exist"):
+        distill.build_examples(tmp_path / "nope", tok, 256)
+    empty = datasets.Dataset.from_list(tf.trace_rows(tf.make_tokenizer(tf.TEACHER), 1)).select([])
+    for shards in (None, 1):  # by default datasets writes no data file at all for zero rows
+        empty.save_to_disk(str(tmp_path / f"empty{shards}"), num_shards=shards)
+        with pytest.raises(ConfigError, match="is empty"):
+            distill.build_examples(tmp_path / f"empty{shards}", tok, 256)
+    with pytest.raises(ConfigError, match="train_traces is required"):
+        distill.main(["output_dir=x"])

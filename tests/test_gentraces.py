@@ -1,0 +1,168 @@
+"""gentraces.py on the tiny assets: outputs, determinism across batch sizes and processes, and one
+clear error (with nothing written) for every bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+import gentraces
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def base_args(assets, exp_dir, **kw):
+    args = {"teacher": assets / "teacher", "proxy": assets / "proxy", "data_dir": assets / "data",
+            "exp_dir": exp_dir, "max_length": 160, "max_prompt_length": 96, "data_split": "gsm8k_test",
+            "max_samples": 24, "batch_size": 8, "trace_name": "t", **kw}
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="module")
+def grad_file(tiny_assets, tmp_path_factory):
+    """A gradient with the proxy's names and shapes (values are irrelevant to these tests)."""
+    proxy = AutoModelForCausalLM.from_pretrained(tiny_assets / "proxy")
+    torch.manual_seed(0)
+    g = {n: torch.randn_like(p) * 1e-2 for n, p in proxy.named_parameters()}
+    path = tmp_path_factory.mktemp("grad") / "g.safetensors"
+    save_file(g, str(path))
+    return path, g
+
+
+def load_rows(exp_dir, name="t"):
+    return list(datasets.load_from_disk(str(Path(exp_dir) / "traces" / name)))
+
+
+def test_outputs_sidecar_and_registry(tiny_assets, tmp_path):
+    gentraces.main(base_args(tiny_assets, tmp_path, tau=0))
+    traces = tmp_path / "traces"
+    rows = load_rows(tmp_path)
+    assert len(rows) == 24 and [r["idx"] for r in rows] == list(range(24))
+    assert all(r["prompt"].endswith("<｜Assistant｜>") and r["completion"].startswith("<think>\n") for r in rows)
+    assert all(r["trace"] == r["prompt"] + r["completion"] for r in rows)
+    side = yaml.safe_load((traces / "t.yaml").read_text())
+    assert side["config"]["tau"] == 0 and side["stats"]["n"] == 24
+    assert 0 <= side["stats"]["af_accuracy"] <= 1
+    assert (traces / "t.parquet").stat().st_size > 0
+    entry = json.loads((tmp_path / "metadata" / "trace_registry.jsonl").read_text().splitlines()[-1])
+    assert entry["name"] == "t" and entry["n"] == 24 and entry["af_accuracy"] == side["stats"]["af_accuracy"]
+    assert not list(traces.glob(".*"))  # no temporary or work files left behind
+
+
+def test_ads_traces_do_not_depend_on_batch_size(tiny_assets, tmp_path, grad_file):
+    ads = dict(tau=1.0, lam=0.5, eps=1e-2, grad_path=grad_file[0], answer_force=False, engine="reference")
+    gentraces.main(base_args(tiny_assets, tmp_path / "a", batch_size=3, **ads))
+    gentraces.main(base_args(tiny_assets, tmp_path / "b", batch_size=16, **ads))
+    a, b = load_rows(tmp_path / "a"), load_rows(tmp_path / "b")
+    assert [r["completion"] for r in a] == [r["completion"] for r in b]
+    side = yaml.safe_load((tmp_path / "a" / "traces" / "t.yaml").read_text())
+    assert side["diagnostics"]["frac_weights_changed_plus"] > 0.5
+    assert side["diagnostics"]["grad_rms"] > 0
+
+
+def test_two_processes_give_the_same_traces_as_one(tiny_assets, tmp_path, grad_file):
+    ads = dict(tau=1.0, lam=0.5, eps=1e-2, grad_path=grad_file[0], batch_size=4)
+    gentraces.main(base_args(tiny_assets, tmp_path / "one", **ads))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(REPO / "gentraces.py"), *base_args(tiny_assets, tmp_path / "two", **ads)]
+    subprocess.run(cmd, check=True, env=ENV, cwd=REPO, capture_output=True)
+    one, two = load_rows(tmp_path / "one"), load_rows(tmp_path / "two")
+    assert [(r["idx"], r["completion"], r["forced"]) for r in one] == \
+           [(r["idx"], r["completion"], r["forced"]) for r in two]
+    side = yaml.safe_load((tmp_path / "two" / "traces" / "t.yaml").read_text())
+    assert side["diagnostics"]["processes"] == 2
+
+
+def test_lam_zero_never_loads_the_proxy(tiny_assets, tmp_path):
+    gentraces.main(base_args(tiny_assets, tmp_path, tau=1.0, lam=0, proxy="/nonexistent/proxy", max_samples=4))
+    assert len(load_rows(tmp_path)) == 4
+
+
+def _corrupt(kind, tmp_path, grad_file, tiny_assets):
+    path, g = grad_file
+    bad = tmp_path / "bad.safetensors"
+    if kind == "missing":
+        return tmp_path / "nope.safetensors"
+    if kind == "truncated":
+        bad.write_bytes(path.read_bytes()[:200])
+    elif kind == "text":
+        bad.write_text("this is not a safetensors file at all")
+    elif kind == "nan":
+        g = dict(g)
+        first = next(iter(g))
+        g[first] = g[first].clone()
+        g[first][0] = float("nan")
+        save_file(g, str(bad))
+    elif kind == "mismatch":
+        g = dict(g)
+        g.pop("lm_head.weight", None)
+        g["extra.weight"] = torch.zeros(3)
+        save_file(g, str(bad))
+    return bad
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing", "does not exist"),
+    ("truncated", "not a readable safetensors file"),
+    ("text", "not a readable safetensors file"),
+    ("nan", "NaN or Inf"),
+    ("mismatch", "does not match the proxy"),
+])
+def test_bad_gradient_file_is_one_clear_error_and_writes_nothing(kind, message, tiny_assets, tmp_path, grad_file):
+    grad = _corrupt(kind, tmp_path, grad_file, tiny_assets)
+    exp = tmp_path / "exp"
+    with pytest.raises(SystemExit) as e:
+        gentraces.main(base_args(tiny_assets, exp, tau=1.0, lam=0.1, grad_path=grad))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not exp.exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"tau": -1}, "tau must be >= 0"),
+    ({"tau": 1.0, "lam": 0.1, "eps": 0}, "eps must be > 0"),
+    ({"top_p": 0}, "top_p must be in (0, 1]"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"max_prompt_length": 160}, "max_prompt_length (160) must be < max_length (160)"),
+    ({"tau": 1.0, "lam": 0.1}, "lam > 0 needs grad_path"),
+    ({"data_split": "gsm8k_dev"}, "valid: gsm8k_train"),
+    ({"temprature": 1}, "did you mean"),
+    ({"max_prompt_length": 5}, "no prompts left"),
+])
+def test_bad_config_is_one_clear_error_and_writes_nothing(override, message, tiny_assets, tmp_path):
+    exp = tmp_path / "exp"
+    with pytest.raises(SystemExit) as e:
+        gentraces.main(base_args(tiny_assets, exp, **override))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not exp.exists()
+
+
+def test_teacher_and_proxy_with_different_tokenizers_is_refused(tiny_assets, tmp_path, grad_file):
+    exp = tmp_path / "exp"
+    with pytest.raises(SystemExit) as e:
+        gentraces.main(base_args(tiny_assets, exp, tau=1.0, lam=0.1, grad_path=grad_file[0],
+                                 proxy=tiny_assets / "student"))
+    assert "different tokenizers" in str(e.value)
+    assert not exp.exists()
+
+
+def test_cli_error_is_a_single_line_without_traceback(tiny_assets, tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "gentraces.py"), *base_args(tiny_assets, tmp_path, tau=-1)],
+                         env=ENV, capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: tau must be >= 0 (0 = greedy), got -1"

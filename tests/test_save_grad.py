@@ -1,0 +1,136 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import save_grad
+import trace_fixtures as tf
+from utils import ConfigError, load_tokenizer, tokenize_example
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LENGTH = 128  # truncates the longest completions; the long-question row keeps no completion token
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grad")
+    tok = tf.make_tokenizer(tf.TEACHER)
+    proxy = tf.save_proxy(root / "proxy", tok)
+    traces = tf.save_traces(root / "holdout", tf.trace_rows(tok, 9, long_question_rows=(4,)))
+    return root, proxy, traces
+
+
+def run_inprocess(proxy, traces, out, batch_size):
+    save_grad.main([f"proxy={proxy}", f"traces={traces}", f"out={out}", f"batch_size={batch_size}",
+                    f"max_length={MAX_LENGTH}"])
+    return load_file(str(out))
+
+
+def run_cli(*args, processes=1):
+    if processes == 1:
+        cmd = [sys.executable, str(ROOT / "save_grad.py")]
+    else:
+        # `--cpu` would start a single process (accelerate runs several CPU processes only through
+        # mpirun); `--multi_gpu` starts them with torchrun and save_grad.py picks gloo without CUDA.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "save_grad.py")]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=ROOT, env=OFFLINE, timeout=120)
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+def reference_gradient(proxy_path, traces_path):
+    """The definition, written plainly: one sequence at a time, mean NLL over completion tokens."""
+    import datasets
+    tok = load_tokenizer(str(proxy_path))
+    model = AutoModelForCausalLM.from_pretrained(str(proxy_path), dtype=torch.float32).eval()
+    losses = []
+    for row in datasets.load_from_disk(str(traces_path)):
+        ids, labels = tokenize_example(tok, row["system"], row["question"], row["completion"], MAX_LENGTH)
+        labels = torch.tensor(labels[1:])
+        if (labels != -100).sum() == 0:
+            continue
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        losses.append(F.cross_entropy(logits, labels, ignore_index=-100))
+    torch.stack(losses).mean().backward()
+    return {name: p.grad for name, p in model.named_parameters()}, len(losses)
+
+
+@pytest.fixture(scope="module")
+def g_batch4(assets):
+    root, proxy, traces = assets
+    return run_inprocess(proxy, traces, root / "g4.safetensors", batch_size=4)
+
+
+def test_gradient_is_independent_of_batch_size(assets, g_batch4):
+    root, proxy, traces = assets
+    assert_same(run_inprocess(proxy, traces, root / "g1.safetensors", batch_size=1), g_batch4)
+
+
+def test_gradient_is_independent_of_process_count(assets, g_batch4):
+    root, proxy, traces = assets
+    out = root / "g_2proc.safetensors"
+    res = run_cli(f"proxy={proxy}", f"traces={traces}", f"out={out}", "batch_size=3",
+                  f"max_length={MAX_LENGTH}", processes=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same(load_file(str(out)), g_batch4)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["n_processes"] == "2"
+
+
+def test_gradient_matches_the_definition(assets, g_batch4):
+    root, proxy, traces = assets
+    expected, n_kept = reference_gradient(proxy, traces)
+    assert n_kept == 8  # the long-question row is dropped
+    assert_same(g_batch4, expected)
+    assert sum(g.abs().sum() for g in g_batch4.values()) > 0
+
+
+def test_saved_keys_are_parameter_names_with_metadata(assets, g_batch4):
+    root, proxy, traces = assets
+    model = AutoModelForCausalLM.from_pretrained(str(proxy))
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(g_batch4) == sorted(names)
+    assert not any(n.startswith("module.") for n in g_batch4)
+    assert all(g.dtype == torch.float32 and g.is_contiguous() for g in g_batch4.values())
+    with safe_open(str(root / "g4.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["n_sequences"] == "8" and meta["n_dropped"] == "1"
+    assert int(meta["n_tokens"]) > 0 and float(meta["loss"]) > 0 and float(meta["grad_norm"]) > 0
+    assert meta["proxy"] == str(proxy) and meta["traces"] == str(traces)
+    assert not [p for p in root.iterdir() if ".tmp" in p.name]
+
+
+def test_missing_traces_is_a_one_line_error_and_writes_nothing(assets, tmp_path):
+    root, proxy, _ = assets
+    out = tmp_path / "g.safetensors"
+    res = run_cli(f"proxy={proxy}", f"traces={tmp_path / 'nope'}", f"out={out}")
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "nope" in res.stderr and "does not exist" in res.stderr
+    assert not out.exists()
+
+
+def test_traces_without_required_columns_or_rows_are_rejected(assets, tmp_path):
+    import datasets
+    root, proxy, _ = assets
+    datasets.Dataset.from_list([{"idx": 0, "question": "q"}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ConfigError, match="lacks the columns system, completion"):
+        save_grad.load_traces(tmp_path / "bad")
+    empty = datasets.Dataset.from_list(tf.trace_rows(tf.make_tokenizer(tf.TEACHER), 1)).select([])
+    empty.save_to_disk(str(tmp_path / "empty"), num_shards=1)
+    with pytest.raises(ConfigError, match="is empty"):
+        save_grad.load_traces(tmp_path / "empty")
