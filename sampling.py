@@ -129,13 +129,13 @@ def next_tokens(z_teacher, delta, params, u, seen=None):
 # gradients and perturbed proxies
 
 def load_gradient(path):
-    from safetensors import SafeTensorError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
         grads = load_file(str(path))
     except FileNotFoundError:
         die(f"gradient file {path} does not exist (run save_grad.py first)")
-    except (SafeTensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         die(f"gradient file {path} is not a readable safetensors file ({str(e).splitlines()[0]})")
     for name, g in grads.items():
         if not torch.isfinite(g).all():

@@ -66,6 +66,9 @@ def parse_overrides(args):
     return out
 
 
+SYNONYMS = {"temperature": "tau", "lambda": "lam", "epsilon": "eps"}  # the paper's words for our keys
+
+
 def load_config(yaml_name, args):
     """yaml defaults + `key=value` overrides; an unknown key is an error naming the closest one."""
     path = Path(yaml_name)
@@ -74,7 +77,7 @@ def load_config(yaml_name, args):
     cfg = yaml.safe_load(path.read_text())
     for key, value in parse_overrides(args).items():
         if key not in cfg:
-            close = difflib.get_close_matches(key, cfg, n=1)
+            close = [SYNONYMS[key]] if SYNONYMS.get(key) in cfg else difflib.get_close_matches(key, cfg, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             die(f"unknown config key {key!r}{hint}; valid keys are listed in {path.name}")
         cfg[key] = value

@@ -141,7 +141,8 @@ def test_bad_gradient_file_is_one_clear_error_and_writes_nothing(kind, message, 
     ({"max_prompt_length": 160}, "max_prompt_length (160) must be < max_length (160)"),
     ({"tau": 1.0, "lam": 0.1}, "lam > 0 needs grad_path"),
     ({"data_split": "gsm8k_dev"}, "valid: gsm8k_train"),
-    ({"temprature": 1}, "did you mean"),
+    ({"temperature": 1}, "did you mean 'tau'"),
+    ({"max_lenght": 1}, "did you mean 'max_length'"),
     ({"max_prompt_length": 5}, "no prompts left"),
 ])
 def test_bad_config_is_one_clear_error_and_writes_nothing(override, message, tiny_assets, tmp_path):
