@@ -80,7 +80,12 @@ while read -r TAU LAM EPS; do
     fi
 done < <(python grid.py --grid "$GRID" --shard "$SHARD" --num-shards "$NUM_SHARDS")
 
-# the undistilled student, the reference line of the trade-off plot
+# references: the teacher greedy on the test split, and the undistilled student (the plot's baseline)
+if [[ ! -d $TRACES/eval_teacher_base ]]; then
+    stage "teacher greedy eval"
+    gentraces teacher="$TEACHER" data_split="${DATASET}_test" tau=0 lam=0 \
+        max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_teacher_base
+fi
 if [[ ! -d $TRACES/eval_student_base ]]; then
     stage "undistilled student eval"
     gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \

@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # no display on the nodes; must precede pyplot
 import matplotlib.pyplot as plt
 
 # Row names are grid.row_name's `tau{:.2e}_lam{:.2e}_eps{:.2e}`; other names (train traces, holdout,
-# eval_student_base) do not match.
+# eval_teacher_base, eval_student_base) do not match.
 NUM = r"(-?\d\.\d+e[+-]\d+)"
 EVAL_NAME = re.compile(rf"^eval_(teacher|student)_tau{NUM}_lam{NUM}_eps{NUM}$")
 SERIES_STYLE = {"ADS": dict(marker="o", color="tab:red"), "temperature": dict(marker="s", color="tab:blue")}
@@ -100,6 +100,8 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path) -> None:
             f"| {fmt_acc(s, 'af_accuracy')} | {fmt_acc(s, 'raw_accuracy')} | {n} |")
     if "holdout" in entries:
         lines += ["", summary_line("Teacher greedy on holdout", entries["holdout"])]
+    if "eval_teacher_base" in entries:
+        lines += ["", summary_line("Teacher greedy on test", entries["eval_teacher_base"])]
     if "eval_student_base" in entries:
         lines += ["", summary_line("Undistilled student on test", entries["eval_student_base"])]
     tmp = path.with_name(path.name + ".tmp")
