@@ -1,0 +1,291 @@
+"""Decode throughput on one GPU: the reference approach (Hugging Face `generate` with a logits
+processor that runs both proxies with their own DynamicCache) against engine.generate, for ADS and
+for plain sampling (lam = 0), on randomly initialised models of the real shapes (bf16 7B-shaped
+teacher, two 3B-shaped proxies).  Also checks the engine against sampling.py on the GPU first, and
+compares continuous batching with a static batch on long-tailed trace lengths.  Prints a table and
+writes JSON (rewritten after every stage, so a run cut short keeps what it measured).
+
+    python bench/bench_decode.py --out $OUT/h200.json
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine  # noqa: E402
+from sampling import (DecodeModels, SamplingParams, cache_kwarg, fd_delta, generate_reference,  # noqa: E402
+                      sample_from_scores)
+from transformers import DynamicCache, LogitsProcessor  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--out", default="bench/results/h200.json", help="JSON results path")
+parser.add_argument("--stages", default="check,engine,reference,longtail", help="comma list of stages to run")
+parser.add_argument("--batches", default="192,64,max", help="decode slots; 'max' = largest that fits")
+parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
+parser.add_argument("--new", type=int, default=512, help="generated tokens per row (EOS ignored)")
+parser.add_argument("--ref-steps", type=int, default=32, help="reference approach: steps timed (per-step throughput)")
+parser.add_argument("--longtail-prompts", type=int, default=768, help="prompts in the long-tailed workload")
+args = parser.parse_args()
+
+VOCAB = 151665            # ids the Qwen tokenizer defines; wider logits are padding rows
+COPY_BW = 4.3e12          # bytes/s, device-to-device copy measured on this H200 (read + write)
+MATMUL_PEAK = 790e12      # FLOP/s, bf16 8192^3 matmul measured on this H200
+TEACHER = dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, intermediate_size=18944, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+               max_position_embeddings=131072, tie_word_embeddings=False)
+PROXY = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+             num_key_value_heads=2, intermediate_size=11008, rms_norm_eps=1e-6,
+             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+             max_position_embeddings=32768, tie_word_embeddings=True)
+ADS = SamplingParams(tau=0.9, lam=0.05, eps=1e-2, top_p=0.95, seed=42)
+PLAIN = SamplingParams(tau=0.9, lam=0.0, top_p=0.95, seed=42)
+
+
+def build(shape, seed, dtype=torch.bfloat16):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM._from_config(Qwen2Config(**shape), attn_implementation="sdpa", dtype=dtype)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def random_prompts(n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, VOCAB, (n, length), generator=g).tolist()
+
+
+def check(results):
+    """On the GPU: engine kernels and tokens against sampling.py (fp32 small models, bf16 kernels)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out = {}
+    small = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                 max_position_embeddings=512)
+    teacher = build(dict(small, vocab_size=512), 0, torch.float32)
+    plus, minus = (build(dict(small, vocab_size=500, hidden_size=128, num_attention_heads=2,
+                              num_key_value_heads=1), s, torch.float32) for s in (1, 2))
+    for m in (teacher, plus, minus):
+        m.get_output_embeddings().weight.data.mul_(30.0)  # peaked distributions, as trained models have
+    models = DecodeModels(teacher=teacher, vocab_size=490, eos_ids=[7, 11], pad_id=0, plus=plus, minus=minus)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(20, 490, (int(n),), generator=g).tolist() for n in torch.randint(3, 40, (24,), generator=g)]
+    rows = list(range(100, 124))
+    budgets = torch.randint(1, 60, (24,), generator=g).tolist()
+    for name, params in [("ads_top_k_1", SamplingParams(tau=0.8, lam=0.3, top_k=1)),
+                         ("ads_top_p", SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=5)),
+                         ("plain_top_p", SamplingParams(tau=1.0, top_p=0.9, seed=6)),
+                         ("greedy", SamplingParams(tau=0.0))]:
+        want = generate_reference(models, prompts, rows, budgets, params)
+        got = engine.generate(models, prompts, rows, budgets, params, batch_size=8, check_every=4)
+        same = sum(a == b for a, b in zip(want[0], got[0]))
+        out[f"tokens_equal_{name}"] = f"{same}/{len(prompts)} rows" + ("" if want[1] == got[1] else ", EOS flags differ")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    q = torch.randn(192, 28, 128, device="cuda", dtype=torch.bfloat16)
+    kc, vc = (torch.randn(192, 4, 768, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.randint(1, 769, (192,), device="cuda")
+    a = engine.decode_attention_triton(q, kc, vc, lengths, 128 ** -0.5).float()
+    b = engine.decode_attention_torch(q, kc, vc, lengths, 128 ** -0.5).float()
+    out["attention_rel_err_bf16"] = ((a - b).norm() / b.norm()).item()
+    scores = torch.randn(192, VOCAB, device="cuda") * 4
+    u = torch.rand(192, device="cuda")
+    same = (engine.sample_tokens(scores, u, 0, 0.95) == sample_from_scores(scores, u, 0, 0.95)).float().mean()
+    out["sampler_token_match"] = same.item()
+    results["check"] = out
+    print(json.dumps(out, indent=1), flush=True)
+
+
+def kv_bytes_per_token(m):
+    c = m.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+
+
+def roofline(batch, context, models):
+    """Per-step floor: weights and KV read once at copy bandwidth (the input embedding table is only
+    gathered), matmul FLOPs at the measured peak."""
+    weight_bytes = flops = 0
+    for m in models:
+        embed = m.get_input_embeddings().weight
+        matmul_params = sum(p.numel() for p in m.parameters()) - (0 if m.config.tie_word_embeddings else embed.numel())
+        weight_bytes += matmul_params * embed.element_size()
+        flops += 2 * matmul_params * batch
+    kv = sum(kv_bytes_per_token(m) for m in models) * batch * context
+    return max(weight_bytes / COPY_BW, flops / MATMUL_PEAK) + kv / COPY_BW
+
+
+def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, compile_layers=True):
+    prompts = prompts or random_prompts(batch, args.prompt_len, batch)
+    budgets = budgets or [args.new] * len(prompts)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    timings = {}
+    start = time.perf_counter()
+    tokens, _ = engine.generate(models, prompts, list(range(len(prompts))), budgets, params, batch,
+                                refill=refill, timings=timings, compile_layers=compile_layers)
+    wall = time.perf_counter() - start - timings["capture_s"]
+    n = sum(len(t) for t in tokens)
+    return dict(batch=batch, generated=n, wall_s=wall, capture_s=timings["capture_s"], compile_layers=compile_layers, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
+                steps=timings["steps"], tok_s=n / wall, decode_tok_s=n / timings["decode_s"],
+                ms_per_step=1e3 * timings["decode_s"] / timings["steps"],
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+class ProxyPenalty(LogitsProcessor):
+    """The reference approach as a logits processor: both proxies run every step with their own
+    DynamicCache and lam * delta_hat is added to the teacher's scores (padding ids masked)."""
+
+    def __init__(self, plus, minus, params):
+        self.nets, self.params, self.caches = (plus, minus), params, None
+
+    def __call__(self, input_ids, scores):
+        if self.caches is None:  # first call: the proxies prefill the whole prompt
+            self.caches = [DynamicCache(config=n.config) for n in self.nets]
+            ids = input_ids
+        else:
+            ids = input_ids[:, -1:]
+        logits = [net(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(net): cache}).logits[:, -1, :VOCAB]
+                  for net, cache in zip(self.nets, self.caches)]
+        scores[:, :VOCAB] += self.params.lam * fd_delta(logits[0], logits[1], self.params.eps)
+        scores[:, VOCAB:] = float("-inf")
+        return scores
+
+
+def time_hf(teacher, proxies, params, batch):
+    """Per-step throughput of Hugging Face generate: two lengths, the difference cancels prefill."""
+    from transformers import LogitsProcessorList
+    ids = torch.tensor(random_prompts(batch, args.prompt_len, batch), device="cuda")
+    walls = []
+    for n in (8, 8 + args.ref_steps):
+        procs = LogitsProcessorList([ProxyPenalty(*proxies, params)] if proxies else [])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.no_grad():
+            teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             temperature=params.tau, top_p=params.top_p, top_k=0, max_new_tokens=n,
+                             logits_processor=procs)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - start)
+    step = (walls[1] - walls[0]) / args.ref_steps
+    return dict(batch=batch, steps_timed=args.ref_steps, ms_per_step=1e3 * step, decode_tok_s=batch / step,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                note=f"per-step time from generate of 8 and {8 + args.ref_steps} new tokens (prefill cancels)")
+
+
+def profile_step(models, params, batch):
+    """Kernel-level profile of replays of the captured decode step (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+    prompts = random_prompts(batch, args.prompt_len, 5)
+    eng = engine.Engine(models, params, batch, args.prompt_len + 64, 64)
+    nets = eng.nets
+    for net in nets:
+        net.set_attn_implementation(engine.ATTENTION_NAME)
+    with torch.no_grad():
+        eng.capture()
+        eng.prefill(list(range(batch)), prompts, list(range(batch)), [64] * batch)
+        eng.advance(8)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.advance(16)
+            torch.cuda.synchronize()
+    for net in nets:
+        net.set_attn_implementation("sdpa")
+    events = [e for e in prof.key_averages()]
+    kernels = sum(e.count for e in events) / 16
+    total = sum(e.device_time_total for e in events) / 16
+    print(f"profile batch {batch}: {kernels:.0f} kernels/step, {total / 1e3:.2f} ms GPU/step")
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=70))
+    return dict(kernels_per_step=kernels, gpu_ms_per_step=total / 1e3)
+
+
+def largest_batch(models, per_slot_tokens):
+    """Slots whose KV caches fit in what is free, keeping 24 GiB for activations and the graph pool
+    (capped at 1024 to bound the run's time)."""
+    kv = sum(kv_bytes_per_token(m) for m in models)
+    free, _ = torch.cuda.mem_get_info()
+    return min(1024, max(64, int((free - 24 * 2 ** 30) / (kv * per_slot_tokens)) // 64 * 64))
+
+
+def main():
+    stages = args.stages.split(",")
+    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   transformers=__import__("transformers").__version__,
+                   prompt_len=args.prompt_len, new_tokens=args.new, params_ads=vars(ADS), params_plain=vars(PLAIN))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(results, indent=1))
+
+    if "check" in stages:
+        check(results)
+        save()
+    teacher = build(TEACHER, 0)
+    plus, minus = build(PROXY, 1), build(PROXY, 2)
+    models = DecodeModels(teacher=teacher, vocab_size=VOCAB, eos_ids=[], pad_id=0, plus=plus, minus=minus)
+    if "profile" in stages:
+        results["profile_ads_192"] = profile_step(models, ADS, 192)
+        results["profile_plain_192"] = profile_step(models, PLAIN, 192)
+        save()
+    context = args.prompt_len + args.new
+    biggest = largest_batch([teacher, plus, minus], context)
+    batches = [biggest if b == "max" else int(b) for b in args.batches.split(",")]
+    results["largest_batch"] = biggest
+    rows = []
+    for b in batches:
+        mean_ctx = args.prompt_len + args.new / 2
+        for mode, params, nets in (("ads", ADS, [teacher, plus, minus]), ("plain", PLAIN, [teacher])):
+            floor = roofline(b, mean_ctx, nets)
+            if "engine" in stages:
+                r = time_engine(models, params, b)
+                r["roofline_ms_per_step"] = 1e3 * floor
+                r["pct_of_roofline"] = 100 * floor / (r["ms_per_step"] / 1e3)
+                results.setdefault(f"engine_{mode}", []).append(r)
+                rows.append((f"engine {mode}", r))
+                save()
+                print(rows[-1], flush=True)
+            if "eagerblocks" in stages and b == 192:
+                r = time_engine(models, params, b, compile_layers=False)
+                r["roofline_ms_per_step"] = 1e3 * floor
+                r["pct_of_roofline"] = 100 * floor / (r["ms_per_step"] / 1e3)
+                results.setdefault(f"engine_eager_blocks_{mode}", []).append(r)
+                rows.append((f"engine-eagerblk {mode}", r))
+                save()
+                print(rows[-1], flush=True)
+            if "reference" in stages and b <= 192:
+                r = time_hf(teacher, (plus, minus) if params.uses_proxy else None, params, b)
+                results.setdefault(f"reference_{mode}", []).append(r)
+                rows.append((f"hf-generate {mode}", r))
+                save()
+                print(rows[-1], flush=True)
+    if "longtail" in stages:
+        g = torch.Generator().manual_seed(7)
+        lengths = torch.exp(math.log(120) + 0.9 * torch.randn(args.longtail_prompts, generator=g))
+        budgets = lengths.clamp(1, args.new).long().tolist()
+        prompts = random_prompts(args.longtail_prompts, args.prompt_len, 99)
+        lt = dict(budgets_mean=sum(budgets) / len(budgets), budgets_max=max(budgets),
+                  note="lognormal(median 120, sigma 0.9) lengths capped at max new tokens, EOS forced there (budget)")
+        for refill in (True, False):
+            r = time_engine(models, ADS, 192, refill=refill, prompts=prompts, budgets=budgets)
+            lt["continuous" if refill else "static"] = r
+            rows.append((f"longtail {'continuous' if refill else 'static'}", r))
+            print(rows[-1], flush=True)
+        lt["speedup"] = lt["continuous"]["tok_s"] / lt["static"]["tok_s"]
+        results["longtail_ads_192"] = lt
+        save()
+    print(f"\n{'run':<24}{'batch':>6}{'ms/step':>9}{'decode tok/s':>14}{'e2e tok/s':>11}{'peak GiB':>10}{'% roof':>8}")
+    for name, r in rows:
+        print(f"{name:<24}{r['batch']:>6}{r['ms_per_step']:>9.2f}{r['decode_tok_s']:>14.0f}"
+              f"{r.get('tok_s', float('nan')):>11.0f}{r['peak_gib']:>10.1f}{r.get('pct_of_roofline', float('nan')):>8.1f}")
+
+
+if __name__ == "__main__":
+    main()

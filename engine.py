@@ -1,0 +1,553 @@
+"""A fast ADS decode engine: static KV slots, one CUDA graph per decode step, continuous batching.
+
+Same tokens as sampling.generate_reference (the noise is keyed on (seed, prompt index, position),
+so neither the batch a row lands in nor its slot changes its sample), at a fraction of the cost:
+- every model keeps its K/V in a static (slots, kv_heads, max_len, head_dim) cache per layer, written
+  and read by an attention function registered with transformers' AttentionInterface, so the
+  Hugging Face model classes run unchanged and attention reads only the filled part of each row;
+- one decode step (teacher + both proxies + ADS score + sort-free top-k/top-p sampling + EOS and
+  budget bookkeeping) is one CUDA graph replay, with each transformer block fused by torch.compile
+  while the graph is recorded; the host looks at the rows only every `check_every` steps;
+- a finished row's slot is refilled with the next prompt (prefilled outside the graph), so the batch
+  stays full while trace lengths vary; results come back in input order.
+On CPU the same code runs eagerly.  Usage:
+
+    tokens, ended = engine.generate(models, prompts, rows, max_new, params, batch_size=192)
+"""
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from sampling import ads_score, fd_delta, filter_top_k_top_p, generate_reference, row_uniforms
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU machines: the torch paths below are used instead
+    triton = None
+
+ATTENTION_NAME = "ads_slots"
+SEARCH_WAYS = 16          # thresholds tested per pass of the top-p search
+SEARCH_PASSES = 8         # 16**8 = 2**32 covers every float32 bit pattern
+PREFILL_TOKENS = 16384    # padded prompt tokens per prefill call (bounds activation memory)
+
+
+# attention over static slot caches
+
+@dataclass
+class Prefill:
+    """Where the tokens of left-padded prompts go in the slot caches."""
+    positions: torch.Tensor               # (n, T) cache index of each token (= its rotary position)
+    slots: torch.Tensor                   # (n,) slot of each prompt
+    token_rows: torch.Tensor              # row and column of each real (non-pad) token
+    token_cols: torch.Tensor
+    mask: torch.Tensor                    # (n, 1, T, T) causal mask over real tokens
+
+
+def attention_layers(model):
+    """The attention modules, recognised by what the Hugging Face attention interface needs."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
+
+
+def decoder_layers(model):
+    """The modules that hold an attention module as a direct child: one per transformer block."""
+    attention = {id(m) for m in attention_layers(model)}
+    return [m for m in model.modules() if any(id(c) in attention for c in m.children())]
+
+
+def attach_slot_caches(model, slots, max_len):
+    """Give each attention layer its static K/V, (slots, kv_heads, max_len, head_dim) each.  They live
+    on the modules, not in a list indexed by layer number, so that every layer of a model is the
+    same function of its inputs (one compiled graph serves them all)."""
+    cfg = model.config
+    weight = model.get_output_embeddings().weight
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = (slots, cfg.num_key_value_heads, max_len, head_dim)
+    for m in attention_layers(model):
+        m.slot_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        m.slot_v = torch.zeros_like(m.slot_k)
+
+
+def detach_slot_caches(model):
+    for m in attention_layers(model):
+        m.__dict__.pop("slot_k", None)
+        m.__dict__.pop("slot_v", None)
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, slot_positions=None,
+                   slot_prefill=None, **kwargs):
+    """AttentionInterface entry: the Hugging Face layer hands over post-rotary q/k/v (no HF cache);
+    write them into the slot cache, then attend.  Decode: one token per slot, every slot in order,
+    at slot_positions (n, 1); prefill: as slot_prefill says.  Returns (n, T, heads, dim)."""
+    if slot_positions is None and slot_prefill is None:
+        raise ValueError("a model switched to the engine's attention was called outside the engine")
+    k_cache, v_cache = module.slot_k, module.slot_v
+    if slot_prefill is None:
+        pos = slot_positions[:, 0]
+        slot = torch.arange(len(pos), device=pos.device)
+        k_cache[slot, :, pos] = key[:, :, 0]
+        v_cache[slot, :, pos] = value[:, :, 0]
+        return decode_attention(query[:, :, 0], k_cache, v_cache, pos + 1, scaling)[:, None], None
+    p = slot_prefill
+    r, c = p.token_rows, p.token_cols
+    k_cache[p.slots[r], :, p.positions[r, c]] = key[r, :, c]
+    v_cache[p.slots[r], :, p.positions[r, c]] = value[r, :, c]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=p.mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION_NAME, slot_attention)
+
+
+@contextmanager
+def slot_attention_on(nets):
+    """Route the models' attention through slot_attention, restoring their own on exit."""
+    previous = [net.config._attn_implementation for net in nets]
+    for net in nets:
+        net.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        for net, impl in zip(nets, previous):
+            net.set_attn_implementation(impl)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, scale):
+    """One query per row against the first lengths[b] cached positions of slot b.  q: (n, heads, dim)."""
+    if q.is_cuda and triton is not None and _triton_head_dim(q.shape[-1]):
+        return decode_attention_triton(q, k_cache, v_cache, lengths, scale)
+    return decode_attention_torch(q, k_cache, v_cache, lengths, scale)
+
+
+def _triton_head_dim(d):
+    return d >= 16 and d & (d - 1) == 0
+
+
+def decode_attention_torch(q, k_cache, v_cache, lengths, scale):
+    # grouped query heads share a KV head: fold them into the query axis instead of repeating K/V
+    n, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    # on CPU read only the filled width; on GPU (captured in a graph) the whole cache, masked
+    width = k_cache.shape[2] if q.is_cuda or torch.compiler.is_compiling() else int(lengths.max())
+    k, v = k_cache[:n, :, :width].float(), v_cache[:n, :, :width].float()
+    qg = q.float().view(n, kv_heads, heads // kv_heads, dim)
+    s = qg @ k.transpose(-1, -2) * scale
+    past_end = torch.arange(width, device=q.device) >= lengths[:, None, None, None]
+    probs = s.masked_fill(past_end, float("-inf")).softmax(-1)
+    return (probs @ v).reshape(n, heads, dim).to(q.dtype)
+
+
+SPLIT_KEYS = 128      # keys per program of the split-K decode kernel
+BLOCK_KEYS = 64       # keys per inner iteration
+
+
+def decode_attention_triton(q, k_cache, v_cache, lengths, scale):
+    """Flash-decoding: programs over (row, kv head, key split) each read only filled positions and
+    keep a partial softmax; the splits are merged here.  Graph-safe: lengths stay on the device."""
+    n, heads, dim = q.shape
+    kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    padded = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
+    splits = triton.cdiv(max_len, SPLIT_KEYS)
+    acc = torch.empty((n, kv_heads, splits, padded, dim), dtype=torch.float32, device=q.device)
+    top = torch.empty((n, kv_heads, splits, padded), dtype=torch.float32, device=q.device)
+    total = torch.empty_like(top)
+    _split_decode_attention[(n, kv_heads, splits)](
+        q, k_cache, v_cache, lengths, acc, top, total,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale,
+        GROUP=group, PADDED=padded, DIM=dim, BLOCK_N=BLOCK_KEYS, SPLIT=SPLIT_KEYS,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    out = torch.empty_like(q)
+    _merge_splits[(n, kv_heads)](acc, top, total, out, out.stride(0), out.stride(1),
+                                 SPLITS=splits, GROUP=group, PADDED=padded, DIM=dim)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _split_decode_attention(Q, K, V, Lens, Acc, Top, Total,
+                                sqb, sqh, skb, skh, skn, svb, svh, svn, scale: tl.constexpr,
+                                GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr,
+                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+        b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start = s * SPLIT
+        end = tl.minimum(start + SPLIT, tl.load(Lens + b).to(tl.int32))
+        g = tl.arange(0, PADDED)
+        d = tl.arange(0, DIM)
+        q = tl.load(Q + b * sqb + (h * GROUP + g)[:, None] * sqh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+        m = tl.full([PADDED], float("-inf"), tl.float32)
+        l = tl.zeros([PADDED], tl.float32)
+        acc = tl.zeros([PADDED, DIM], tl.float32)
+        k_row = K + b.to(tl.int64) * skb + h * skh
+        v_row = V + b.to(tl.int64) * svb + h * svh
+        # constant trip count with masked loads: keys past a row's length cost no memory traffic
+        for n0 in range(0, SPLIT, BLOCK_N):
+            n = start + n0 + tl.arange(0, BLOCK_N)
+            live = n < end
+            k = tl.load(k_row + n[:, None] * skn + d[None, :], mask=live[:, None], other=0.0)
+            v = tl.load(v_row + n[:, None] * svn + d[None, :], mask=live[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            qk = tl.where(live[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no live key adds nothing
+            p = tl.exp(qk - m_ref[:, None])
+            alpha = tl.exp(m - m_ref)
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        o = (b * tl.num_programs(1) + h) * tl.num_programs(2) + s
+        tl.store(Acc + (o * PADDED + g)[:, None] * DIM + d[None, :], acc)
+        tl.store(Top + o * PADDED + g, m)
+        tl.store(Total + o * PADDED + g, l)
+
+    @triton.jit
+    def _merge_splits(Acc, Top, Total, Out, sob, soh,
+                      SPLITS: tl.constexpr, GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr):
+        """Combine the partial softmaxes of the key splits (splits past a row's length hold -inf)."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        first = (b * tl.num_programs(1) + h) * SPLITS
+        g = tl.arange(0, PADDED)
+        d = tl.arange(0, DIM)
+        top = tl.full([PADDED], float("-inf"), tl.float32)
+        for s in tl.static_range(SPLITS):
+            top = tl.maximum(top, tl.load(Top + (first + s) * PADDED + g))
+        total = tl.zeros([PADDED], tl.float32)
+        acc = tl.zeros([PADDED, DIM], tl.float32)
+        for s in tl.static_range(SPLITS):
+            w = tl.exp(tl.load(Top + (first + s) * PADDED + g) - top)
+            total += w * tl.load(Total + (first + s) * PADDED + g)
+            acc += w[:, None] * tl.load(Acc + ((first + s) * PADDED + g)[:, None] * DIM + d[None, :])
+        out = acc / total[:, None]
+        tl.store(Out + b * sob + (h * GROUP + g)[:, None] * soh + d[None, :], out.to(Out.dtype.element_ty),
+                 mask=(g < GROUP)[:, None])
+
+    @triton.jit
+    def _mass_above(P, Cand, Out, vocab, stride, WAYS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
+        """Out[row, chunk, j] = sum of P[row, i] over this chunk's i with bits(P) > Cand[row, j]."""
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        cand = tl.load(Cand + row * WAYS + tl.arange(0, WAYS))
+        # reduce across threads once at the end, not per sub-block
+        sums = tl.zeros([SUB, WAYS], tl.float32)
+        for i in tl.static_range(0, CHUNK, SUB):
+            idx = chunk * CHUNK + i + tl.arange(0, SUB)
+            p = tl.load(P + row.to(tl.int64) * stride + idx, mask=idx < vocab, other=0.0)
+            bits = p.to(tl.int32, bitcast=True)
+            sums += tl.where(bits[:, None] > cand[None, :], p[:, None], 0.0)
+        tl.store(Out + (row * tl.num_programs(1) + chunk) * WAYS + tl.arange(0, WAYS), tl.sum(sums, 0))
+
+
+# sort-free nucleus sampling
+
+def mass_above(probs, cand):
+    """(B, W) sums of the probabilities whose float32 bit pattern exceeds each candidate."""
+    if probs.is_cuda and triton is not None:
+        chunk, sub = 4096, 256
+        chunks = triton.cdiv(probs.shape[1], chunk)
+        part = torch.empty((probs.shape[0], chunks, cand.shape[1]), dtype=torch.float32, device=probs.device)
+        _mass_above[(probs.shape[0], chunks)](probs, cand.contiguous(), part, probs.shape[1], probs.stride(0),
+                                             WAYS=cand.shape[1], CHUNK=chunk, SUB=sub, num_warps=8)
+        return part.sum(1)
+    bits = probs.view(torch.int32)
+    return torch.stack([torch.where(bits > c[:, None], probs, 0.0).sum(-1) for c in cand.unbind(-1)], -1)
+
+
+def nucleus_floor(probs, top_p):
+    """Bit pattern `lo` such that the nucleus is exactly {i : bits(probs[i]) > lo}.
+
+    A token is in the nucleus when the mass of strictly more probable tokens is < top_p * total
+    (sampling.filter_top_k_top_p); that mass only grows as the threshold falls, and non-negative
+    float32 values order like their bit patterns, so a 16-way search over the 2**31 patterns finds
+    the exact boundary in 8 passes over the row, without sorting."""
+    target = top_p * probs.sum(-1, keepdim=True)
+    lo = torch.zeros_like(probs[:, :1], dtype=torch.int32)           # mass above 0 is >= target
+    hi = probs.view(torch.int32).amax(-1, keepdim=True)              # mass above the max is 0
+    ways = torch.arange(1, SEARCH_WAYS + 1, dtype=torch.int32, device=probs.device)
+    for _ in range(SEARCH_PASSES):
+        step = (hi - lo + SEARCH_WAYS - 1) // SEARCH_WAYS
+        cand = torch.minimum(lo + step * ways, hi)
+        inside = mass_above(probs, cand) < target
+        hi = torch.where(inside, cand, hi).amin(-1, keepdim=True)
+        lo = torch.where(inside, lo, cand).amax(-1, keepdim=True)
+    return lo
+
+
+def sample_tokens(scores, u, top_k=0, top_p=1.0):
+    """softmax(scores) -> top-k -> top-p -> inverse-CDF in vocabulary order with one uniform per row:
+    sampling.sample_from_scores without its sort."""
+    probs = filter_top_k_top_p(torch.softmax(scores.float(), dim=-1), top_k, 1.0)
+    if top_p < 1.0:
+        probs = torch.where(probs.view(torch.int32) > nucleus_floor(probs, top_p), probs, 0.0)
+    cdf = probs.cumsum(-1)
+    return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
+# the engine
+
+def unsupported_reason(models, params):
+    """Why the engine cannot run this request (None when it can)."""
+    if params.uses_proxy and params.ads_mode != "fd":
+        return f"ads_mode={params.ads_mode}"
+    if params.repetition_penalty != 1.0:
+        return f"repetition_penalty={params.repetition_penalty}"
+    for model in [models.teacher] + ([models.plus, models.minus] if params.uses_proxy else []):
+        reason = _architecture_gap(model)
+        if reason:
+            return reason
+    return None
+
+
+def _architecture_gap(model):
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    if set(getattr(cfg, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return "layers other than full attention"
+    if any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "attn_logit_softcapping")):
+        return "logit soft-capping"
+    if len(attention_layers(model)) != cfg.num_hidden_layers or not hasattr(cfg, "num_key_value_heads"):
+        return f"attention layers of {type(model).__name__} not recognised"
+    return None
+
+
+class Engine:
+    """Decode slots for one request: static state tensors, the per-step function, prefill and refill."""
+
+    def __init__(self, models, params, slots, max_len, max_new):
+        self.params, self.vocab, self.pad = params, models.vocab_size, models.pad_id
+        self.nets = [models.teacher] + ([models.plus, models.minus] if params.uses_proxy else [])
+        for net in self.nets:
+            if net.get_output_embeddings().weight.shape[0] < self.vocab:
+                raise ValueError(f"{type(net).__name__} has fewer output logits than the tokenizer's {self.vocab} ids")
+        for net in self.nets:
+            attach_slot_caches(net, slots, max_len)
+        device = next(models.teacher.parameters()).device
+        self.device, self.slots, self.max_len = device, slots, max_len
+        self.eos = torch.tensor(models.eos_ids, dtype=torch.long, device=device)
+        self.seq_len = torch.zeros(slots, dtype=torch.long, device=device)     # tokens in each slot's cache
+        self.row_id = torch.zeros_like(self.seq_len)                           # prompt index (keys the noise)
+        self.n_gen = torch.zeros_like(self.seq_len)                            # tokens kept so far
+        self.budget = torch.zeros_like(self.seq_len)
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)         # empty slots count as done
+        self.ended = torch.zeros_like(self.done)
+        # one spare column: a finished row keeps writing pads at column n_gen <= max_new
+        self.out = torch.full((slots, max_new + 1), self.pad, dtype=torch.long, device=device)
+        self.score = torch.zeros((slots, self.vocab), dtype=torch.float32, device=device)
+        self.graph = None
+
+    def forward(self, ids, positions, prefill=None):
+        """Logits of the newest position of every model, cut to the tokenizer's ids."""
+        where = dict(slot_positions=positions) if prefill is None else dict(slot_prefill=prefill)
+        logits = []
+        for net in self.nets:
+            out = net(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False,
+                      logits_to_keep=1, **where)
+            logits.append(out.logits[:, -1, :self.vocab])
+        return logits
+
+    def scores_of(self, logits):
+        p = self.params
+        if p.greedy:
+            return logits[0].float()
+        delta = fd_delta(logits[1], logits[2], p.eps) if p.uses_proxy else None
+        return ads_score(logits[0], delta, p.tau, p.lam)
+
+    def pick(self, u):
+        p = self.params
+        return self.score.argmax(-1) if p.greedy else sample_tokens(self.score, u, p.top_k, p.top_p)
+
+    def step(self):
+        """Sample every slot's next token from the stored scores, book it, feed it to the models."""
+        tok = self.pick(row_uniforms(self.params.seed, self.row_id, self.n_gen))
+        is_eos = (tok[:, None] == self.eos).any(-1) & ~self.done
+        keep = ~self.done & ~is_eos
+        self.out.scatter_(1, self.n_gen[:, None], torch.where(keep, tok, self.pad)[:, None])
+        self.n_gen.add_(keep.long())
+        self.ended.logical_or_(is_eos)
+        self.done.logical_or_(is_eos | (self.n_gen >= self.budget))
+        pos = self.seq_len.clamp(max=self.max_len - 1)  # finished slots write harmlessly in bounds
+        feed = torch.where(self.done, self.pad, tok)
+        self.score.copy_(self.scores_of(self.forward(feed[:, None], pos[:, None])))
+        self.seq_len.add_((~self.done).long())
+
+    def capture(self, compile_layers=True):
+        """Record step() as one CUDA graph.  The warm-up runs compile the kernels on a side stream
+        while every slot is still empty (done), so they leave no trace in the results.  With
+        compile_layers, each transformer block runs through torch.compile while the graph is
+        recorded (fusing its norms, rotary and activation kernels); prefill stays eager."""
+        blocks = [b for net in self.nets for b in decoder_layers(net)] if compile_layers else []
+        for b in blocks:
+            b.forward = torch.compile(b.forward, dynamic=False)
+        try:
+            try:
+                self.warm_up()
+            except Exception as e:  # a compiler failure must not stop generation: run the blocks eagerly
+                print(f"engine: torch.compile of the blocks failed ({type(e).__name__}: {str(e)[:200]}), "
+                      "running them eagerly", file=sys.stderr)
+                for b in blocks:
+                    del b.forward
+                blocks = []
+                self.warm_up()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step()
+        finally:
+            for b in blocks:
+                del b.forward
+
+    def warm_up(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def release(self):
+        for net in self.nets:
+            detach_slot_caches(net)
+
+    def advance(self, steps):
+        for _ in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+
+    def prefill(self, slots, prompts, rows, budgets):
+        """Run the prompts through every model into the given slots and reset those slots' state."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        real = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            real[i, width - len(p):] = True
+        ids, real = ids.to(self.device), real.to(self.device)
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
+        # a pad query attends to itself only, so no softmax row is empty (NaN would leak through V)
+        mask = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)
+        token_rows, token_cols = real.nonzero(as_tuple=True)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        prefill = Prefill(positions, slot_t, token_rows, token_cols, mask[:, None])
+        self.score[slot_t] = self.scores_of(self.forward(ids, positions, prefill))
+        self.seq_len[slot_t] = torch.tensor([len(p) for p in prompts], device=self.device)
+        self.row_id[slot_t] = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.budget[slot_t] = torch.tensor(budgets, dtype=torch.long, device=self.device)
+        self.n_gen[slot_t] = 0
+        self.done[slot_t] = False
+        self.ended[slot_t] = False
+
+    def snapshot(self):
+        """done, tokens kept and EOS flags of every slot: the one host sync of a check."""
+        flags = torch.stack([self.done.long(), self.n_gen, self.ended.long()]).cpu()
+        return flags[0].bool().tolist(), flags[1].tolist(), flags[2].bool().tolist()
+
+
+def generate(models, prompts, rows, max_new, params, batch_size, progress=None, *,
+             refill=True, check_every=None, timings=None, compile_layers=True):
+    """Drop-in for sampling.generate_reference over any number of prompts with `batch_size` decode
+    slots.  progress(n) is called with the number of newly generated tokens at each check (every
+    `check_every` steps: 16 on GPU, 1 on CPU).  refill=False waits for a whole batch to finish
+    before starting the next (a static batch, for comparison).  timings, if a dict, receives
+    prefill/decode seconds (with device syncs around prefill, for benchmarks).  compile_layers: on
+    GPU, fuse each block's small kernels with torch.compile (off: plain eager kernels in the graph)."""
+    reason = unsupported_reason(models, params)
+    if reason:
+        print(f"engine: {reason} is not supported, falling back to sampling.generate_reference", file=sys.stderr)
+        return _generate_in_chunks(models, prompts, rows, max_new, params, batch_size, progress)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("engine.generate needs non-empty prompts")
+    tokens, ended = [[] for _ in prompts], [False] * len(prompts)
+    queue = [i for i in range(len(prompts)) if max_new[i] > 0]
+    if not queue:
+        return tokens, ended
+    slots = min(batch_size, len(queue))
+    engine = Engine(models, params, slots, max(len(prompts[i]) + max_new[i] for i in queue), max(max_new))
+    on_gpu = engine.device.type == "cuda"
+    check_every = check_every or (16 if on_gpu else 1)
+    try:
+        with slot_attention_on(engine.nets), torch.no_grad():
+            start = time.perf_counter()
+            if on_gpu:
+                engine.capture(compile_layers)
+            if timings is not None:
+                timings["capture_s"] = time.perf_counter() - start
+            _serve(engine, prompts, rows, max_new, queue, tokens, ended, progress, refill, check_every, timings)
+    finally:
+        engine.release()
+    return tokens, ended
+
+
+def _serve(engine, prompts, rows, max_new, queue, tokens, ended, progress, refill, check_every, timings):
+    """The host loop: fill free slots, advance check_every steps, harvest finished rows, repeat."""
+    owner = [None] * engine.slots               # prompt index held by each slot
+    counted = [0] * engine.slots                # tokens of the slot's row already reported
+    clock = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
+    queue = list(reversed(queue))
+    free = list(range(engine.slots))
+    while True:
+        if free and queue and (refill or len(free) == engine.slots):
+            _fill(engine, free, queue, owner, counted, prompts, rows, max_new, clock, timings is not None)
+        if all(o is None for o in owner):
+            break
+        start = time.perf_counter()
+        engine.advance(check_every)
+        done, n_gen, eos = engine.snapshot()
+        clock["decode_s"] += time.perf_counter() - start
+        clock["steps"] += check_every
+        finished = [s for s in range(engine.slots) if owner[s] is not None and done[s]]
+        if finished:
+            rows_out = engine.out[finished].cpu()
+            for j, s in enumerate(finished):
+                tokens[owner[s]] = rows_out[j, :n_gen[s]].tolist()
+                ended[owner[s]] = eos[s]
+        if progress:
+            new = sum(n_gen[s] - counted[s] for s in range(engine.slots) if owner[s] is not None)
+            if new:
+                progress(new)
+        for s in range(engine.slots):
+            counted[s] = n_gen[s]
+        for s in finished:
+            owner[s] = None
+            free.append(s)
+    if timings is not None:
+        timings.update(clock)
+
+
+def _fill(engine, free, queue, owner, counted, prompts, rows, max_new, clock, sync):
+    """Prefill queued prompts into free slots, in groups of at most PREFILL_TOKENS padded tokens."""
+    sync = sync and engine.device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    while free and queue:
+        group = []
+        while free and queue:
+            width = max([len(prompts[queue[-1]])] + [len(prompts[i]) for _, i in group])
+            if group and width * (len(group) + 1) > PREFILL_TOKENS:
+                break
+            group.append((free.pop(0), queue.pop()))
+        slots = [s for s, _ in group]
+        idx = [i for _, i in group]
+        engine.prefill(slots, [prompts[i] for i in idx], [rows[i] for i in idx], [max_new[i] for i in idx])
+        for s, i in group:
+            owner[s], counted[s] = i, 0
+    if sync:
+        torch.cuda.synchronize()
+    clock["prefill_s"] += time.perf_counter() - start
+
+
+def _generate_in_chunks(models, prompts, rows, max_new, params, batch_size, progress):
+    tokens, ended = [], []
+    for i in range(0, len(prompts), batch_size):
+        t, e = generate_reference(models, prompts[i:i + batch_size], rows[i:i + batch_size],
+                                  max_new[i:i + batch_size], params, progress)
+        tokens += t
+        ended += e
+    return tokens, ended

@@ -1,0 +1,246 @@
+"""engine.generate against sampling.py and against a from-scratch recomputation (CPU, tiny models)."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+from sampling import (DecodeModels, SamplingParams, ads_score, fd_delta, filter_top_k_top_p, generate_reference,
+                      perturbed_proxies, row_uniforms, sample_from_scores)
+
+VOCAB = 70          # ids the "tokenizer" defines: teacher logits are 80 wide, proxy logits 72
+PAD = 0
+
+
+def tiny_llama(vocab_size, seed, hidden=32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run many times faster on one thread than on an oversubscribed pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def proxies(proxy):
+    g = torch.Generator().manual_seed(3)
+    grads = {n: torch.randn(p.shape, generator=g) for n, p in proxy.named_parameters()}
+    plus, minus, _ = perturbed_proxies(proxy, grads, 1e-2)
+    return plus, minus
+
+
+@pytest.fixture(scope="module")
+def llama_teacher():
+    return tiny_llama(80, seed=4)
+
+
+def decode_models(teacher, proxies, eos_ids=(3,)):
+    plus, minus = proxies if proxies else (None, None)
+    return DecodeModels(teacher=teacher, vocab_size=VOCAB, eos_ids=list(eos_ids), pad_id=PAD, plus=plus, minus=minus)
+
+
+def ragged_prompts(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, VOCAB, (int(k),), generator=g).tolist() for k in torch.randint(1, 10, (n,), generator=g)]
+
+
+@torch.no_grad()
+def scratch_score(models, params, seq):
+    """The step's score from full forwards of the whole sequence through every model (no cache)."""
+    ids = torch.tensor([seq])
+    logits = [m(input_ids=ids).logits[:, -1, :VOCAB] for m in (models.teacher, models.plus, models.minus) if m]
+    if params.greedy:
+        return logits[0].float()
+    delta = fd_delta(logits[1], logits[2], params.eps) if params.uses_proxy else None
+    return ads_score(logits[0], delta, params.tau, params.lam)
+
+
+def scratch_generate(models, params, prompts, rows, max_new):
+    """The slow reference: one row at a time, every model recomputed from scratch at every step."""
+    tokens, ended = [], []
+    for prompt, row, budget in zip(prompts, rows, max_new):
+        out, hit_eos = [], False
+        while len(out) < budget:
+            score = scratch_score(models, params, prompt + out)
+            u = row_uniforms(params.seed, torch.tensor([row]), torch.tensor([len(out)]))
+            tok = int(score.argmax(-1) if params.greedy else sample_from_scores(score, u, params.top_k, params.top_p))
+            if tok in models.eos_ids:
+                hit_eos = True
+                break
+            out.append(tok)
+        tokens.append(out)
+        ended.append(hit_eos)
+    return tokens, ended
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_top_k_1_tokens_equal_from_scratch_recomputation_with_continuous_batching(arch, teacher, llama_teacher, proxies):
+    params = SamplingParams(tau=0.7, lam=0.4, top_k=1)
+    models = decode_models(teacher if arch == "qwen2" else llama_teacher, proxies, eos_ids=())
+    prompts, rows = ragged_prompts(7, seed=11), list(range(20, 27))
+    max_new = [6, 11, 2, 9, 4, 12, 7]
+    free_run, _ = scratch_generate(models, params, prompts, rows, max_new)
+    # an EOS id that some row emits mid-trace, so rows end both by EOS and by budget
+    models.eos_ids = [next(t[len(t) // 2] for t in free_run if len(t) > 3)]
+    want = scratch_generate(models, params, prompts, rows, max_new)
+    assert any(want[1]) and not all(want[1])
+    got = engine.generate(models, prompts, rows, max_new, params, batch_size=3, check_every=3)
+    assert got == want
+
+
+def test_sampled_tokens_equal_generate_reference(teacher, proxies):
+    models = decode_models(teacher, proxies, eos_ids=(3, 9))
+    params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)
+    prompts, rows = ragged_prompts(9, seed=12), list(range(100, 109))
+    max_new = [5, 14, 3, 10, 1, 8, 12, 6, 9]
+    want = generate_reference(models, prompts, rows, max_new, params)
+    got = engine.generate(models, prompts, rows, max_new, params, batch_size=4, check_every=2)
+    assert got == want
+
+
+def test_results_do_not_depend_on_slots_or_check_interval(teacher, proxies):
+    models = decode_models(teacher, proxies, eos_ids=(3, 9))
+    params = SamplingParams(tau=1.0, lam=0.2, top_p=0.9, seed=1)
+    prompts, rows = ragged_prompts(6, seed=13), list(range(6))
+    max_new = [7, 3, 9, 5, 8, 2]
+    runs = [engine.generate(models, prompts, rows, max_new, params, batch_size=b, check_every=k)
+            for b, k in [(1, 1), (2, 5), (6, 2)]]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_step_scores_match_from_scratch_recomputation(teacher, proxies):
+    models = decode_models(teacher, proxies)
+    params = SamplingParams(tau=0.9, lam=0.5, top_p=0.95, seed=2)
+    prompts = ragged_prompts(3, seed=14)
+    eng = engine.Engine(models, params, slots=3, max_len=20, max_new=6)
+    try:
+        for step in range(4):
+            with engine.slot_attention_on(eng.nets), torch.no_grad():
+                if step == 0:
+                    eng.prefill([0, 1, 2], prompts, [0, 1, 2], [6, 6, 6])
+                else:
+                    eng.step()
+            for s, p in enumerate(prompts):
+                want = scratch_score(models, params, p + eng.out[s, :step].tolist())
+                torch.testing.assert_close(eng.score[s:s + 1], want, atol=1e-4, rtol=1e-4)
+    finally:
+        eng.release()
+
+
+def chi_square_critical(df, z=3.09):
+    """Upper 0.1% point of chi-square (Wilson-Hilferty approximation)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts, probs):
+    """Pearson statistic over the cells with expected count >= 5 (the rest pooled) and its df."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)])
+    exp = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum().item()
+    return stat, int(keep.sum()) - 1
+
+
+def test_token_frequencies_follow_the_ads_distribution_and_reject_lam_over_tau(teacher, proxies):
+    models = decode_models(teacher, proxies, eos_ids=())
+    # tau and lam chosen so that ~25 tokens carry the nucleus and lam/tau moves it visibly
+    params = SamplingParams(tau=2.0, lam=0.005, top_p=0.95, seed=9)
+    prompt, n = [7, 21, 33, 4], 5000
+    tokens, _ = engine.generate(models, [prompt] * n, list(range(n)), [1] * n, params, batch_size=1024)
+    counts = torch.bincount(torch.tensor([t[0] for t in tokens]), minlength=VOCAB).double()
+
+    def nucleus(lam_scale):
+        ids = torch.tensor([prompt])
+        zt, zp, zm = (m(input_ids=ids).logits[:, -1, :VOCAB] for m in (teacher, *proxies))
+        score = F.log_softmax(zt, -1) / params.tau + params.lam * lam_scale * fd_delta(zp, zm, params.eps)
+        return filter_top_k_top_p(torch.softmax(score, -1), 0, params.top_p)[0].double()
+
+    with torch.no_grad():
+        right, wrong = nucleus(1.0), nucleus(1.0 / params.tau)  # wrong: the reference code's lam/tau
+    right, wrong = right / right.sum(), wrong / wrong.sum()
+    stat, df = chi_square(counts, right)
+    assert df >= 10 and stat < chi_square_critical(df)
+    stat, df = chi_square(counts, wrong)
+    assert stat > chi_square_critical(df)
+
+
+def test_lam_0_runs_the_teacher_alone_and_equals_reference(teacher):
+    models = decode_models(teacher, None, eos_ids=(3,))
+    params = SamplingParams(tau=1.2, lam=0.0, top_p=0.9, seed=4)
+    prompts, rows, max_new = ragged_prompts(5, seed=15), list(range(5)), [6, 2, 9, 4, 7]
+    assert engine.generate(models, prompts, rows, max_new, params, batch_size=2) == \
+        generate_reference(models, prompts, rows, max_new, params)
+
+
+def test_tau_0_is_greedy_on_the_teacher(teacher, proxies):
+    models = decode_models(teacher, proxies, eos_ids=(3,))
+    params = SamplingParams(tau=0.0, lam=0.5)
+    prompts, rows, max_new = ragged_prompts(5, seed=16), list(range(5)), [6, 2, 9, 4, 7]
+    got = engine.generate(models, prompts, rows, max_new, params, batch_size=3)
+    assert got == scratch_generate(models, params, prompts, rows, max_new)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.95), (0, 0.5), (5, 0.9), (0, 1.0), (12, 1.0)])
+def test_sort_free_sampler_equals_sampling_py(top_k, top_p):
+    g = torch.Generator().manual_seed(top_k * 100 + int(top_p * 100))
+    scores = torch.randn(64, 300, generator=g) * 3
+    scores[:8] = (scores[:8] * 2).round() / 2  # many exact ties
+    u = torch.rand(64, generator=g)
+    assert torch.equal(engine.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
+
+
+def test_jvp_mode_falls_back_to_the_reference_with_a_notice(teacher, proxies, proxy, capsys):
+    grads = {n: torch.randn_like(p) for n, p in proxy.named_parameters()}
+    models = decode_models(teacher, proxies, eos_ids=(3,))
+    models.proxy, models.grads = proxy, grads
+    params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, ads_mode="jvp")
+    prompts, rows, max_new = ragged_prompts(3, seed=17), [0, 1, 2], [3, 2, 4]
+    got = engine.generate(models, prompts, rows, max_new, params, batch_size=2)
+    assert "ads_mode=jvp" in capsys.readouterr().err
+    want_a = generate_reference(models, prompts[:2], rows[:2], max_new[:2], params)
+    want_b = generate_reference(models, prompts[2:], rows[2:], max_new[2:], params)
+    assert got == (want_a[0] + want_b[0], want_a[1] + want_b[1])
+
+
+KERNEL_CHECK = """
+import torch, engine
+torch.manual_seed(0)
+q, kc, vc = torch.randn(3, 6, 32), torch.randn(3, 2, 300, 32), torch.randn(3, 2, 300, 32)
+lengths = torch.tensor([1, 130, 300])
+a = engine.decode_attention_triton(q, kc, vc, lengths, 0.17)
+b = engine.decode_attention_torch(q, kc, vc, lengths, 0.17)
+assert ((a - b).norm() / b.norm()) < 1e-5
+probs = torch.softmax(torch.randn(4, 9000) * 3, -1)
+cand = probs.view(torch.int32)[:, :16].sort(-1).values.contiguous()
+part = torch.empty(4, 3, 16)
+engine._mass_above[(4, 3)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=4096, SUB=256)
+bits = probs.view(torch.int32)
+want = torch.stack([torch.where(bits > c[:, None], probs, 0.).sum(-1) for c in cand.unbind(-1)], -1)
+assert torch.allclose(part.sum(1), want, atol=1e-5)
+"""
+
+
+def test_triton_kernels_match_torch_in_the_interpreter():
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
