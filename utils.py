@@ -42,12 +42,16 @@ def die(msg):
 # config
 
 def run_cli(main):
-    """Run a script's main(argv): a user error is one 'error: ...' line and exit status 2."""
+    """Run a script's main(argv): a user error is one 'error: ...' line and exit status 2, Ctrl-C a
+    one-line notice (everything finished is on disk)."""
     try:
         main(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e.msg}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random models built from configs (no Hub), sized for CPU tests."""
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# tiny models run fastest on one thread, and CI's two cores are shared with subprocesses: several
+# busy-waiting OpenMP pools on two cores make every step many times slower
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
 
 
 def tiny_qwen(vocab_size, seed, hidden=32, layers=2, sharpen=40.0):
@@ -33,7 +40,6 @@ def proxy():
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """The tiny teacher/proxy/student and GSM8K-schema data from make_tiny.py (built once)."""
-    import os
     import subprocess
     if os.environ.get("TINY_ASSETS"):  # reuse a prebuilt copy while iterating on tests
         return Path(os.environ["TINY_ASSETS"])

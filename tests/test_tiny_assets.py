@@ -1,0 +1,164 @@
+"""The tiny assets built by make_tiny.py: data schema, tokenizers, templates, and a teacher that solves the test set."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import make_tiny  # noqa: E402
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ann has 3 apples."}]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "assets"
+    subprocess.run([sys.executable, os.path.join(REPO, "make_tiny.py"), "--out", str(out)], check=True)
+    return out
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def greedy(model, tok, ids, max_new_tokens):
+    """Plain greedy decoding without a cache, over the tokenizer's ids only (padding rows excluded)."""
+    ids = list(ids)
+    start = len(ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1, :len(tok)].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+    return tok.decode(ids[start:])
+
+
+def test_data_files_follow_gsm8k_schema_with_correct_answers(assets):
+    for split, size in [("train", 200), ("test", 64)]:
+        rows = read_jsonl(assets / "data" / "gsm8k" / f"{split}.jsonl")
+        assert len(rows) == size
+        for row in rows:
+            assert set(row) == {"question", "answer"}
+            *lines, final = row["answer"].split("\n")
+            gold = int(re.fullmatch(r"#### (\d+)", final).group(1))
+            calcs = [re.search(r"<<(\d+)([+-])(\d+)=(\d+)>>", line).groups() for line in lines]
+            value = int(re.findall(r"\d+", row["question"])[0])
+            assert 2 <= len(calcs) <= 3
+            for a, op, b, result in calcs:
+                assert int(a) == value
+                value = int(a) + int(b) if op == "+" else int(a) - int(b)
+                assert value == int(result)
+            assert value == gold
+
+
+def test_train_and_test_questions_are_disjoint(assets):
+    train = {r["question"] for r in read_jsonl(assets / "data" / "gsm8k" / "train.jsonl")}
+    test = {r["question"] for r in read_jsonl(assets / "data" / "gsm8k" / "test.jsonl")}
+    assert len(train) == 200 and len(test) == 64 and not train & test
+
+
+def test_same_seed_writes_identical_data(tmp_path):
+    make_tiny.make_data(str(tmp_path / "a"), seed=3)
+    make_tiny.make_data(str(tmp_path / "b"), seed=3)
+    for split in ("train", "test"):
+        path = os.path.join("data", "gsm8k", f"{split}.jsonl")
+        assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+
+
+def test_teacher_and_proxy_share_tokenizer_but_not_vocab_width(assets):
+    teacher_tok = AutoTokenizer.from_pretrained(assets / "teacher")
+    proxy_tok = AutoTokenizer.from_pretrained(assets / "proxy")
+    assert teacher_tok.get_vocab() == proxy_tok.get_vocab()
+    teacher, proxy = AutoConfig.from_pretrained(assets / "teacher"), AutoConfig.from_pretrained(assets / "proxy")
+    assert teacher.vocab_size != proxy.vocab_size
+    assert min(teacher.vocab_size, proxy.vocab_size) > len(teacher_tok)
+    assert not teacher.tie_word_embeddings and teacher.num_key_value_heads < teacher.num_attention_heads
+
+
+def test_student_tokenizer_differs_from_teacher(assets):
+    student = AutoTokenizer.from_pretrained(assets / "student")
+    teacher = AutoTokenizer.from_pretrained(assets / "teacher")
+    assert student.get_vocab() != teacher.get_vocab()
+    assert student.eos_token == "<|eot_id|>" and student.pad_token == "<|finetune_right_pad_id|>"
+    assert AutoConfig.from_pretrained(assets / "student").vocab_size >= len(student)
+
+
+@pytest.mark.parametrize("name", ["teacher", "proxy", "student"])
+def test_auto_tokenizer_encodes_like_the_saved_tokenizer_json(assets, name):
+    # AutoTokenizer rebuilds qwen2 tokenizers with its own pre-tokenizer; the ids must not change.
+    tok = AutoTokenizer.from_pretrained(assets / name)
+    raw = Tokenizer.from_file(str(assets / name / "tokenizer.json"))
+    text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) + "12+7=19\n</think>"
+    assert tok(text, add_special_tokens=False).input_ids == raw.encode(text, add_special_tokens=False).ids
+
+
+def test_teacher_generation_prompt_ends_in_think(assets):
+    tok = AutoTokenizer.from_pretrained(assets / "teacher")
+    text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert text == "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Ann has 3 apples.<｜Assistant｜><think>\n"
+    ids = tok(text, add_special_tokens=False).input_ids
+    specials = ["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>"]
+    assert all(tok.convert_tokens_to_ids(s) in ids for s in specials)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+def test_teacher_template_drops_reasoning_from_assistant_messages(assets):
+    tok = AutoTokenizer.from_pretrained(assets / "teacher")
+    reply = {"role": "assistant", "content": "3+4=7\n</think>\n\nThe answer is 7."}
+    text = tok.apply_chat_template(MESSAGES + [reply], tokenize=False)
+    assert text.endswith("<｜Assistant｜>\n\nThe answer is 7.<｜end▁of▁sentence｜>") and "3+4=7" not in text
+
+
+def test_student_template_uses_llama3_headers(assets):
+    tok = AutoTokenizer.from_pretrained(assets / "student")
+    text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nAnn has 3 apples.<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids.count(tok.convert_tokens_to_ids("<|start_header_id|>")) == 3
+
+
+@pytest.fixture(scope="module")
+def teacher_runs(assets):
+    """Greedy completion and answer-forced continuation for every test problem."""
+    tok = AutoTokenizer.from_pretrained(assets / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
+    system_prompt = make_tiny.load_system_prompt()
+    runs = []
+    for row in read_jsonl(assets / "data" / "gsm8k" / "test.jsonl"):
+        prompt = tok.apply_chat_template([{"role": "system", "content": system_prompt},
+                                          {"role": "user", "content": row["question"]}],
+                                         tokenize=False, add_generation_prompt=True)
+        completion = greedy(model, tok, tok(prompt, add_special_tokens=False).input_ids, 64)
+        closed = completion if "</think>" in completion else completion + "\n</think>"
+        forced_ids = tok(prompt + closed + make_tiny.FORCE, add_special_tokens=False).input_ids
+        runs.append((row["answer"].split("#### ")[-1], completion, greedy(model, tok, forced_ids, 32)))
+    return runs
+
+
+def test_teacher_greedy_solves_most_test_problems(teacher_runs):
+    correct = [make_tiny.last_boxed(completion) == gold for gold, completion, _ in teacher_runs]
+    assert sum(correct) / len(correct) >= 0.8
+
+
+def test_teacher_answers_correctly_when_forced(teacher_runs):
+    correct = [forced.split("}")[0] == gold for gold, _, forced in teacher_runs]
+    assert sum(correct) / len(correct) >= 0.8
+
+
+def test_complete_build_is_not_rebuilt(assets):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "make_tiny.py"), "--out", str(assets)],
+                            check=True, capture_output=True, text=True)
+    assert "already built" in result.stdout
+    manifest = json.loads((assets / "manifest.json").read_text())
+    assert manifest["teacher_test_accuracy"]["greedy"] >= 0.8 and (assets / ".complete").exists()
