@@ -5,9 +5,12 @@ so neither the batch a row lands in nor its slot changes its sample), at a fract
 - every model keeps its K/V in a static (slots, kv_heads, max_len, head_dim) cache per layer, written
   and read by an attention function registered with transformers' AttentionInterface, so the
   Hugging Face model classes run unchanged and attention reads only the filled part of each row;
+- decode runs Llama/Qwen2-form models through a Stack: per block, q/k/v and gate/up are one weight
+  each and the two proxies are stacked, so a proxy block is four batched matmuls for both (the
+  weights are re-laid in place, same values; other architectures use the Hugging Face modules);
 - one decode step (teacher + both proxies + ADS score + sort-free top-k/top-p sampling + EOS and
-  budget bookkeeping) is one CUDA graph replay, with each transformer block fused by torch.compile
-  while the graph is recorded; the host looks at the rows only every `check_every` steps;
+  budget bookkeeping) is one CUDA graph replay, with each block, the score and the sampler fused by
+  torch.compile while the graph is recorded; the host looks at the rows only every `check_every` steps;
 - a finished row's slot is refilled with the next prompt (prefilled outside the graph), so the batch
   stays full while trace lengths vary; results come back in input order.
 On CPU the same code runs eagerly.  Usage:
@@ -149,6 +152,7 @@ BLOCK_KEYS = 64       # keys per inner iteration
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale):
     """Flash-decoding: programs over (row, kv head, key split) each read only filled positions and
     keep a partial softmax; the splits are merged here.  Graph-safe: lengths stay on the device."""
+    q = q.contiguous()  # the kernel assumes unit stride along dim
     n, heads, dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -242,6 +246,151 @@ if triton is not None:
         tl.store(Out + (row * tl.num_programs(1) + chunk) * WAYS + tl.arange(0, WAYS), tl.sum(sums, 0))
 
 
+# fused decode path: one compiled function per block, q/k/v and gate/up fused, the proxies stacked
+
+FUSABLE_TYPES = ("llama", "qwen2")   # decoder blocks of the form HF Llama/Qwen2 write (checked below)
+
+
+def fusion_gap(nets):
+    """Why these models cannot share one Stack (None when they can): same config, Llama-form blocks."""
+    first = {k: v for k, v in nets[0].config.to_dict().items() if k != "_name_or_path"}
+    for net in nets:
+        cfg = net.config
+        if cfg.model_type not in FUSABLE_TYPES:
+            return f"model type {cfg.model_type}"
+        if {k: v for k, v in cfg.to_dict().items() if k != "_name_or_path"} != first:
+            return "models of different configs"
+        inner = getattr(net, "model", None)
+        if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            return f"{type(net).__name__} has no Llama-form body"
+        for layer in inner.layers:
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            if not (all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                    and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+                    and hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
+                    and not hasattr(attn, "q_norm")):
+                return f"a block of {type(net).__name__} is not Llama-form"
+    return None
+
+
+def relay(tensors):
+    """tensors[s][j]: parameters of model s to lay end to end along rows, the models stacked on a
+    new first axis.  Returns the (S, rows, ...) tensor and points every parameter at its slice, so
+    the models keep their values and no second copy of the weights stays alive."""
+    if len(tensors) == 1 and len(tensors[0]) == 1:
+        return tensors[0][0].data.unsqueeze(0)
+    rows = [t.shape[0] for t in tensors[0]]
+    like = tensors[0][0]
+    out = torch.empty((len(tensors), sum(rows), *like.shape[1:]), dtype=like.dtype, device=like.device)
+    for s, group in enumerate(tensors):
+        start = 0
+        for t, n in zip(group, rows):
+            out[s, start:start + n].copy_(t.data)
+            t.data = out[s, start:start + n]
+            start += n
+    return out
+
+
+def relay_linears(linears):
+    """relay() for nn.Linear weights, and their biases (zeros in place of a missing one)."""
+    weight = relay([[m.weight for m in group] for group in linears])
+    if all(m.bias is None for group in linears for m in group):
+        return weight, None
+    zeros = lambda m: torch.zeros(m.out_features, dtype=weight.dtype, device=weight.device)  # noqa: E731
+    return weight, relay([[zeros(m) if m.bias is None else m.bias for m in group] for group in linears])
+
+
+def rms_norm(x, weight, eps):
+    """Hugging Face's Llama/Qwen2 RMSNorm with a per-model weight: x (S, B, H), weight (S, H)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight[:, None] * h.to(x.dtype)
+
+
+def linear(x, weight, bias=None):
+    """x (S, B, K) times each model's (N, K) weight: one matmul for one model, a bmm for a stack."""
+    y = (x[0] @ weight[0].T)[None] if x.shape[0] == 1 else torch.bmm(x, weight.transpose(1, 2))
+    return y if bias is None else y + bias[:, None]
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding as Hugging Face applies it: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def decode_block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w: dict, w_next, shape: tuple, act):
+    """One transformer block for one new token per row, for S stacked models at once.
+    x: (S, B, H) residual stream, h: its input norm; returns the new x and its norm for the next
+    block (w_next: that block's input-norm weight, or the final norm), so the two fuse."""
+    heads, kv_heads, dim, scale, eps = shape
+    S, B, _ = x.shape
+    qkv = linear(h, w["qkv"], w["qkv_bias"]).view(S, B, heads + 2 * kv_heads, dim)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    k_cache[rows, :, at] = k.reshape(S * B, kv_heads, dim)
+    v_cache[rows, :, at] = v.reshape(S * B, kv_heads, dim)
+    out = decode_attention(q.reshape(S * B, heads, dim), k_cache, v_cache, lengths, scale)
+    x = x + linear(out.view(S, B, heads * dim), w["o"], w["o_bias"])
+    gate, up = linear(rms_norm(x, w["post_norm"], eps), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
+    x = x + linear(act(gate) * up, w["down"], w["down_bias"])
+    return x, rms_norm(x, w_next, eps)
+
+
+class Stack:
+    """Models of one config decoded together (the teacher alone, or the two proxies): per block,
+    q/k/v and gate/up as one weight each and the models stacked on a first axis, so a proxy block
+    is 4 batched matmuls for both proxies.  Building it re-lays the models' weights in place (same
+    values).  Each model's attention modules get views of the stacked K/V caches, so prefill can run
+    through the Hugging Face modules unchanged."""
+
+    def __init__(self, nets, slots, max_len):
+        cfg = nets[0].config
+        bodies = [net.model for net in nets]
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        first = bodies[0].layers[0].self_attn
+        self.shape = (cfg.num_attention_heads, cfg.num_key_value_heads, dim, first.scaling, cfg.rms_norm_eps)
+        self.rotary, self.act = bodies[0].rotary_emb, bodies[0].layers[0].mlp.act_fn
+        self.block = decode_block
+        tied = [net.get_output_embeddings().weight is net.get_input_embeddings().weight for net in nets]
+        self.embed = relay([[net.get_input_embeddings().weight] for net in nets])
+        self.head = self.embed if all(tied) else relay([[net.get_output_embeddings().weight] for net in nets])
+        self.final_norm = relay([[b.norm.weight] for b in bodies])
+        self.layers, self.caches = [], []
+        for i in range(cfg.num_hidden_layers):
+            blocks = [b.layers[i] for b in bodies]
+            w = {"in_norm": relay([[b.input_layernorm.weight] for b in blocks]),
+                 "post_norm": relay([[b.post_attention_layernorm.weight] for b in blocks])}
+            for name, parts in (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                ("o", ("self_attn.o_proj",)), ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+                                ("down", ("mlp.down_proj",))):
+                w[name], w[name + "_bias"] = relay_linears([[b.get_submodule(p) for p in parts] for b in blocks])
+            # kept out of w: a compiled block must not see the cache it writes as two aliased inputs
+            k_cache = torch.zeros((len(nets) * slots, cfg.num_key_value_heads, max_len, dim),
+                                  dtype=self.embed.dtype, device=self.embed.device)
+            v_cache = torch.zeros_like(k_cache)
+            for s, b in enumerate(blocks):
+                b.self_attn.slot_k = k_cache[s * slots:(s + 1) * slots]
+                b.self_attn.slot_v = v_cache[s * slots:(s + 1) * slots]
+            self.layers.append(w)
+            self.caches.append((k_cache, v_cache))
+
+    def logits(self, ids, pos):
+        """(S, B, V) next-token logits of every model for ids (B,) at cache positions pos (B,)."""
+        S = self.embed.shape[0]
+        x = self.embed[:, ids]
+        cos, sin = (t[:, 0] for t in self.rotary(x[0][:, None], pos[:, None]))
+        rows = torch.arange(S * len(ids), device=ids.device)
+        at = pos.repeat(S)
+        lengths = at + 1
+        h = rms_norm(x, self.layers[0]["in_norm"], self.shape[-1])
+        for i, (w, (k_cache, v_cache)) in enumerate(zip(self.layers, self.caches)):
+            w_next = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.final_norm
+            x, h = self.block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w, w_next, self.shape, self.act)
+        return torch.bmm(h, self.head.transpose(1, 2)) if S > 1 else (h[0] @ self.head[0].T)[None]
+
+
 # sort-free nucleus sampling
 
 def mass_above(probs, cand):
@@ -277,12 +426,19 @@ def nucleus_floor(probs, top_p):
     return lo
 
 
-def sample_tokens(scores, u, top_k=0, top_p=1.0):
-    """softmax(scores) -> top-k -> top-p -> inverse-CDF in vocabulary order with one uniform per row:
-    sampling.sample_from_scores without its sort."""
+def nucleus_probs(scores, top_k=0, top_p=1.0):
+    """softmax(scores) with the tokens outside top-k and the nucleus zeroed."""
     probs = filter_top_k_top_p(torch.softmax(scores.float(), dim=-1), top_k, 1.0)
     if top_p < 1.0:
         probs = torch.where(probs.view(torch.int32) > nucleus_floor(probs, top_p), probs, 0.0)
+    return probs
+
+
+def sample_tokens(scores, u, top_k=0, top_p=1.0, filtered=nucleus_probs):
+    """softmax(scores) -> top-k -> top-p -> inverse-CDF in vocabulary order with one uniform per row:
+    sampling.sample_from_scores without its sort.  filtered: nucleus_probs, or a compiled copy (the
+    cumsum stays outside: Inductor in torch 2.11 failed to generate its split scan over 151k columns)."""
+    probs = filtered(scores, top_k, top_p)
     cdf = probs.cumsum(-1)
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
@@ -318,14 +474,23 @@ def _architecture_gap(model):
 class Engine:
     """Decode slots for one request: static state tensors, the per-step function, prefill and refill."""
 
-    def __init__(self, models, params, slots, max_len, max_new):
+    def __init__(self, models, params, slots, max_len, max_new, fused=True):
         self.params, self.vocab, self.pad = params, models.vocab_size, models.pad_id
         self.nets = [models.teacher] + ([models.plus, models.minus] if params.uses_proxy else [])
         for net in self.nets:
             if net.get_output_embeddings().weight.shape[0] < self.vocab:
                 raise ValueError(f"{type(net).__name__} has fewer output logits than the tokenizer's {self.vocab} ids")
-        for net in self.nets:
-            attach_slot_caches(net, slots, max_len)
+        # decode groups in the order teacher, plus, minus: a Stack where the models allow (fused),
+        # else the Hugging Face modules with their own slot caches
+        self.groups = []
+        for nets in [[models.teacher]] + ([[models.plus, models.minus]] if params.uses_proxy else []):
+            for part in [nets] if fusion_gap(nets) is None else [[net] for net in nets]:
+                stack = Stack(part, slots, max_len) if fused and fusion_gap(part) is None else None
+                if stack is None:
+                    for net in part:
+                        attach_slot_caches(net, slots, max_len)
+                self.groups.append((part, stack))
+        self.scores_fn, self.nucleus_fn = self.scores_of, nucleus_probs
         device = next(models.teacher.parameters()).device
         self.device, self.slots, self.max_len = device, slots, max_len
         self.eos = torch.tensor(models.eos_ids, dtype=torch.long, device=device)
@@ -339,12 +504,24 @@ class Engine:
         self.out = torch.full((slots, max_new + 1), self.pad, dtype=torch.long, device=device)
         self.score = torch.zeros((slots, self.vocab), dtype=torch.float32, device=device)
         self.graph = None
+        self.compiled = "nothing"    # what capture() managed to compile
 
-    def forward(self, ids, positions, prefill=None):
-        """Logits of the newest position of every model, cut to the tokenizer's ids."""
+    def decode_logits(self, ids, pos):
+        """Next-token logits of every model for one token per slot, cut to the tokenizer's ids."""
+        logits = []
+        for nets, stack in self.groups:
+            if stack is None:
+                logits += self.forward(ids[:, None], pos[:, None], nets=nets)
+            else:
+                logits += list(stack.logits(ids, pos)[:, :, :self.vocab].unbind(0))
+        return logits
+
+    def forward(self, ids, positions, prefill=None, nets=None):
+        """Logits of the newest position of every model (or of nets) through the Hugging Face
+        modules, cut to the tokenizer's ids."""
         where = dict(slot_positions=positions) if prefill is None else dict(slot_prefill=prefill)
         logits = []
-        for net in self.nets:
+        for net in nets or self.nets:
             out = net(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False,
                       logits_to_keep=1, **where)
             logits.append(out.logits[:, -1, :self.vocab])
@@ -359,7 +536,7 @@ class Engine:
 
     def pick(self, u):
         p = self.params
-        return self.score.argmax(-1) if p.greedy else sample_tokens(self.score, u, p.top_k, p.top_p)
+        return self.score.argmax(-1) if p.greedy else sample_tokens(self.score, u, p.top_k, p.top_p, self.nucleus_fn)
 
     def step(self):
         """Sample every slot's next token from the stored scores, book it, feed it to the models."""
@@ -372,33 +549,47 @@ class Engine:
         self.done.logical_or_(is_eos | (self.n_gen >= self.budget))
         pos = self.seq_len.clamp(max=self.max_len - 1)  # finished slots write harmlessly in bounds
         feed = torch.where(self.done, self.pad, tok)
-        self.score.copy_(self.scores_of(self.forward(feed[:, None], pos[:, None])))
+        self.score.copy_(self.scores_fn(self.decode_logits(feed, pos)))
         self.seq_len.add_((~self.done).long())
 
     def capture(self, compile_layers=True):
         """Record step() as one CUDA graph.  The warm-up runs compile the kernels on a side stream
         while every slot is still empty (done), so they leave no trace in the results.  With
-        compile_layers, each transformer block runs through torch.compile while the graph is
-        recorded (fusing its norms, rotary and activation kernels); prefill stays eager."""
-        blocks = [b for net in self.nets for b in decoder_layers(net)] if compile_layers else []
-        for b in blocks:
-            b.forward = torch.compile(b.forward, dynamic=False)
+        compile_layers, each transformer block, the score and the top-k/top-p filter run through
+        torch.compile while the graph is recorded (fusing norms, rotary, activations and the passes
+        over B x V); prefill stays eager.  A compiler failure must not stop generation: then the
+        score and filter, and if that is not enough the blocks too, fall back to eager kernels."""
+        blocks = [b for nets, stack in self.groups if stack is None for net in nets for b in decoder_layers(net)]
+        tiers = [("blocks, score and filter", True, True), ("blocks", True, False)] if compile_layers else []
         try:
-            try:
-                self.warm_up()
-            except Exception as e:  # a compiler failure must not stop generation: run the blocks eagerly
-                print(f"engine: torch.compile of the blocks failed ({type(e).__name__}: {str(e)[:200]}), "
-                      "running them eagerly", file=sys.stderr)
-                for b in blocks:
-                    del b.forward
-                blocks = []
-                self.warm_up()
+            for name, compile_blocks, compile_score in tiers + [("nothing", False, False)]:
+                self.compile_parts(blocks, compile_blocks, compile_score)
+                try:
+                    self.warm_up()
+                    self.compiled = name
+                    break
+                except Exception as e:
+                    if not compile_blocks:
+                        raise
+                    print(f"engine: torch.compile of the {name} failed ({type(e).__name__}: {str(e)[:200]}), "
+                          "compiling less", file=sys.stderr)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.step()
         finally:
-            for b in blocks:
-                del b.forward
+            self.compile_parts(blocks, False, False)
+
+    def compile_parts(self, hf_blocks, blocks, score):
+        """Route the decode step through compiled (True) or eager (False) blocks and score/filter."""
+        for b in hf_blocks:
+            b.__dict__.pop("forward", None)
+            if blocks:
+                b.forward = torch.compile(b.forward, dynamic=False)
+        for _, stack in self.groups:
+            if stack is not None:
+                stack.block = torch.compile(decode_block, dynamic=False) if blocks else decode_block
+        self.scores_fn = torch.compile(self.scores_of, dynamic=False) if score else self.scores_of
+        self.nucleus_fn = torch.compile(nucleus_probs, dynamic=False) if score else nucleus_probs
 
     def warm_up(self):
         side = torch.cuda.Stream()
@@ -411,6 +602,7 @@ class Engine:
     def release(self):
         for net in self.nets:
             detach_slot_caches(net)
+        self.groups = []
 
     def advance(self, steps):
         for _ in range(steps):
@@ -450,13 +642,16 @@ class Engine:
 
 
 def generate(models, prompts, rows, max_new, params, batch_size, progress=None, *,
-             refill=True, check_every=None, timings=None, compile_layers=True):
+             refill=True, check_every=None, timings=None, compile_layers=True, fused=True):
     """Drop-in for sampling.generate_reference over any number of prompts with `batch_size` decode
     slots.  progress(n) is called with the number of newly generated tokens at each check (every
     `check_every` steps: 16 on GPU, 1 on CPU).  refill=False waits for a whole batch to finish
     before starting the next (a static batch, for comparison).  timings, if a dict, receives
-    prefill/decode seconds (with device syncs around prefill, for benchmarks).  compile_layers: on
-    GPU, fuse each block's small kernels with torch.compile (off: plain eager kernels in the graph)."""
+    setup (weight re-lay, compilation, capture), prefill and decode seconds (with device syncs
+    around prefill, for benchmarks).  compile_layers: on GPU, fuse each block's small kernels with
+    torch.compile (off: plain eager kernels in the graph).  fused: decode Llama/Qwen2-form models
+    through Stack (fused projections, proxies stacked; re-lays their weights in place, same values);
+    off: through the Hugging Face modules."""
     reason = unsupported_reason(models, params)
     if reason:
         print(f"engine: {reason} is not supported, falling back to sampling.generate_reference", file=sys.stderr)
@@ -468,16 +663,20 @@ def generate(models, prompts, rows, max_new, params, batch_size, progress=None, 
     if not queue:
         return tokens, ended
     slots = min(batch_size, len(queue))
-    engine = Engine(models, params, slots, max(len(prompts[i]) + max_new[i] for i in queue), max(max_new))
+    start = time.perf_counter()
+    with torch.no_grad():
+        engine = Engine(models, params, slots, max(len(prompts[i]) + max_new[i] for i in queue), max(max_new),
+                        fused=fused)
     on_gpu = engine.device.type == "cuda"
     check_every = check_every or (16 if on_gpu else 1)
     try:
         with slot_attention_on(engine.nets), torch.no_grad():
-            start = time.perf_counter()
             if on_gpu:
                 engine.capture(compile_layers)
+                torch.cuda.synchronize()
             if timings is not None:
                 timings["capture_s"] = time.perf_counter() - start
+                timings["compiled"] = engine.compiled
             _serve(engine, prompts, rows, max_new, queue, tokens, ended, progress, refill, check_every, timings)
     finally:
         engine.release()

@@ -1,9 +1,10 @@
-"""Decode throughput on one GPU: the reference approach (Hugging Face `generate` with a logits
-processor that runs both proxies with their own DynamicCache) against engine.generate, for ADS and
-for plain sampling (lam = 0), on randomly initialised models of the real shapes (bf16 7B-shaped
-teacher, two 3B-shaped proxies).  Also checks the engine against sampling.py on the GPU first, and
-compares continuous batching with a static batch on long-tailed trace lengths.  Prints a table and
-writes JSON (rewritten after every stage, so a run cut short keeps what it measured).
+"""Throughput on one GPU over the same full workload (prompt 256, 512 new tokens, EOS ignored):
+the reference approach (Hugging Face `generate` with a logits processor that runs both proxies with
+their own DynamicCache) against engine.generate, for ADS and for plain sampling (lam = 0), end to
+end (prefill included; the engine's one-off setup, i.e. re-lay, compile and capture, reported
+apart) and per decode step, on randomly initialised models of the real shapes (bf16 7B-shaped
+teacher, two 3B-shaped proxies).  Checks the engine against sampling.py on the GPU first.  Prints a
+table and writes JSON (rewritten after every stage, so a run cut short keeps what it measured).
 
     python bench/bench_decode.py --out $OUT/h200.json
 """
@@ -24,13 +25,14 @@ from transformers import DynamicCache, LogitsProcessor  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="bench/results/h200.json", help="JSON results path")
-parser.add_argument("--stages", default="check,engine,reference,longtail", help="comma list of stages to run")
-parser.add_argument("--batches", default="192,64,max", help="decode slots; 'max' = largest that fits")
+parser.add_argument("--stages", default="check,engine,reference,unfused", help="comma list of stages to run: "
+                    "check, profile, engine, reference, unfused (engine through the HF modules), eagerblocks, longtail")
+parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
 parser.add_argument("--new", type=int, default=512, help="generated tokens per row (EOS ignored)")
-parser.add_argument("--ref-steps", type=int, default=32, help="reference approach: steps timed (per-step throughput)")
 parser.add_argument("--longtail-prompts", type=int, default=768, help="prompts in the long-tailed workload")
 args = parser.parse_args()
+torch._dynamo.config.recompile_limit = 64  # one compiled block per (model shape, batch) in one process
 
 VOCAB = 151665            # ids the Qwen tokenizer defines; wider logits are padding rows
 COPY_BW = 4.3e12          # bytes/s, device-to-device copy measured on this H200 (read + write)
@@ -121,7 +123,7 @@ def roofline(batch, context, models):
     return max(weight_bytes / COPY_BW, flops / MATMUL_PEAK) + kv / COPY_BW
 
 
-def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, compile_layers=True):
+def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, compile_layers=True, fused=True):
     prompts = prompts or random_prompts(batch, args.prompt_len, batch)
     budgets = budgets or [args.new] * len(prompts)
     torch.cuda.synchronize()
@@ -129,10 +131,11 @@ def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, 
     timings = {}
     start = time.perf_counter()
     tokens, _ = engine.generate(models, prompts, list(range(len(prompts))), budgets, params, batch,
-                                refill=refill, timings=timings, compile_layers=compile_layers)
+                                refill=refill, timings=timings, compile_layers=compile_layers, fused=fused)
     wall = time.perf_counter() - start - timings["capture_s"]
     n = sum(len(t) for t in tokens)
-    return dict(batch=batch, generated=n, wall_s=wall, capture_s=timings["capture_s"], compile_layers=compile_layers, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
+    return dict(batch=batch, generated=n, wall_s=wall, setup_s=timings["capture_s"], compile_layers=compile_layers,
+                compiled=timings["compiled"], fused=fused, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
                 steps=timings["steps"], tok_s=n / wall, decode_tok_s=n / timings["decode_s"],
                 ms_per_step=1e3 * timings["decode_s"] / timings["steps"],
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -158,26 +161,40 @@ class ProxyPenalty(LogitsProcessor):
         return scores
 
 
+class StepClock(LogitsProcessor):
+    """Host time at each step's scores (after a device sync; generate syncs every step anyway)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def time_hf(teacher, proxies, params, batch):
-    """Per-step throughput of Hugging Face generate: two lengths, the difference cancels prefill."""
+    """The reference approach over the full workload, end to end; per-step time from the clock."""
     from transformers import LogitsProcessorList
     ids = torch.tensor(random_prompts(batch, args.prompt_len, batch), device="cuda")
-    walls = []
-    for n in (8, 8 + args.ref_steps):
-        procs = LogitsProcessorList([ProxyPenalty(*proxies, params)] if proxies else [])
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        with torch.no_grad():
-            teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             temperature=params.tau, top_p=params.top_p, top_k=0, max_new_tokens=n,
-                             logits_processor=procs)
-        torch.cuda.synchronize()
-        walls.append(time.perf_counter() - start)
-    step = (walls[1] - walls[0]) / args.ref_steps
-    return dict(batch=batch, steps_timed=args.ref_steps, ms_per_step=1e3 * step, decode_tok_s=batch / step,
+    clock = StepClock()
+    procs = LogitsProcessorList(([ProxyPenalty(*proxies, params)] if proxies else []) + [clock])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                               temperature=params.tau, top_p=params.top_p, top_k=0, max_new_tokens=args.new,
+                               logits_processor=procs)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    n = (out.shape[1] - ids.shape[1]) * batch
+    steps = len(clock.times) - 1
+    step = (clock.times[-1] - clock.times[0]) / steps
+    return dict(batch=batch, generated=n, wall_s=wall, tok_s=n / wall, prefill_s=clock.times[0] - start,
+                steps=steps, ms_per_step=1e3 * step, decode_tok_s=batch / step,
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
-                note=f"per-step time from generate of 8 and {8 + args.ref_steps} new tokens (prefill cancels)")
+                note="one generate call over the full workload; per-step time between the first and last step's scores")
 
 
 def profile_step(models, params, batch):
@@ -186,9 +203,7 @@ def profile_step(models, params, batch):
     prompts = random_prompts(batch, args.prompt_len, 5)
     eng = engine.Engine(models, params, batch, args.prompt_len + 64, 64)
     nets = eng.nets
-    for net in nets:
-        net.set_attn_implementation(engine.ATTENTION_NAME)
-    with torch.no_grad():
+    with engine.slot_attention_on(nets), torch.no_grad():
         eng.capture()
         eng.prefill(list(range(batch)), prompts, list(range(batch)), [64] * batch)
         eng.advance(8)
@@ -196,8 +211,7 @@ def profile_step(models, params, batch):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             eng.advance(16)
             torch.cuda.synchronize()
-    for net in nets:
-        net.set_attn_implementation("sdpa")
+    eng.release()
     events = [e for e in prof.key_averages()]
     kernels = sum(e.count for e in events) / 16
     total = sum(e.device_time_total for e in events) / 16
@@ -240,32 +254,36 @@ def main():
     batches = [biggest if b == "max" else int(b) for b in args.batches.split(",")]
     results["largest_batch"] = biggest
     rows = []
+
+    def record(label, key, r):
+        results.setdefault(key, []).append(r)
+        rows.append((label, r))
+        save()
+        print(rows[-1], flush=True)
+
     for b in batches:
         mean_ctx = args.prompt_len + args.new / 2
         for mode, params, nets in (("ads", ADS, [teacher, plus, minus]), ("plain", PLAIN, [teacher])):
             floor = roofline(b, mean_ctx, nets)
-            if "engine" in stages:
-                r = time_engine(models, params, b)
+            variants = [("engine", {})] if "engine" in stages else []
+            variants += [("unfused", dict(fused=False))] if "unfused" in stages and b == 192 and mode == "ads" else []
+            variants += [("eagerblocks", dict(compile_layers=False))] if "eagerblocks" in stages and b == 192 else []
+            mine = {}
+            for name, kw in variants:
+                r = time_engine(models, params, b, **kw)
                 r["roofline_ms_per_step"] = 1e3 * floor
                 r["pct_of_roofline"] = 100 * floor / (r["ms_per_step"] / 1e3)
-                results.setdefault(f"engine_{mode}", []).append(r)
-                rows.append((f"engine {mode}", r))
-                save()
-                print(rows[-1], flush=True)
-            if "eagerblocks" in stages and b == 192:
-                r = time_engine(models, params, b, compile_layers=False)
-                r["roofline_ms_per_step"] = 1e3 * floor
-                r["pct_of_roofline"] = 100 * floor / (r["ms_per_step"] / 1e3)
-                results.setdefault(f"engine_eager_blocks_{mode}", []).append(r)
-                rows.append((f"engine-eagerblk {mode}", r))
-                save()
-                print(rows[-1], flush=True)
+                mine[name] = r
+                record(f"{name} {mode}", f"{name}_{mode}" if name != "engine" else f"engine_{mode}", r)
             if "reference" in stages and b <= 192:
                 r = time_hf(teacher, (plus, minus) if params.uses_proxy else None, params, b)
-                results.setdefault(f"reference_{mode}", []).append(r)
-                rows.append((f"hf-generate {mode}", r))
-                save()
-                print(rows[-1], flush=True)
+                record(f"hf-generate {mode}", f"reference_{mode}", r)
+                if "engine" in mine:
+                    e = mine["engine"]
+                    ratio = dict(batch=b, end_to_end=e["tok_s"] / r["tok_s"], per_step=r["ms_per_step"] / e["ms_per_step"])
+                    results.setdefault(f"speedup_{mode}", []).append(ratio)
+                    save()
+                    print(("speedup", mode, ratio), flush=True)
     if "longtail" in stages:
         g = torch.Generator().manual_seed(7)
         lengths = torch.exp(math.log(120) + 0.9 * torch.randn(args.longtail_prompts, generator=g))
@@ -281,10 +299,15 @@ def main():
         lt["speedup"] = lt["continuous"]["tok_s"] / lt["static"]["tok_s"]
         results["longtail_ads_192"] = lt
         save()
-    print(f"\n{'run':<24}{'batch':>6}{'ms/step':>9}{'decode tok/s':>14}{'e2e tok/s':>11}{'peak GiB':>10}{'% roof':>8}")
+    print(f"\n{'run':<20}{'batch':>6}{'ms/step':>9}{'decode tok/s':>14}{'e2e tok/s':>11}{'wall s':>8}{'prefill s':>10}"
+          f"{'setup s':>9}{'peak GiB':>10}{'% roof':>8}")
     for name, r in rows:
-        print(f"{name:<24}{r['batch']:>6}{r['ms_per_step']:>9.2f}{r['decode_tok_s']:>14.0f}"
-              f"{r.get('tok_s', float('nan')):>11.0f}{r['peak_gib']:>10.1f}{r.get('pct_of_roofline', float('nan')):>8.1f}")
+        print(f"{name:<20}{r['batch']:>6}{r['ms_per_step']:>9.2f}{r['decode_tok_s']:>14.0f}{r['tok_s']:>11.0f}"
+              f"{r['wall_s']:>8.1f}{r['prefill_s']:>10.2f}{r.get('setup_s', float('nan')):>9.1f}{r['peak_gib']:>10.1f}"
+              f"{r.get('pct_of_roofline', float('nan')):>8.1f}")
+    for mode in ("ads", "plain"):
+        for s in results.get(f"speedup_{mode}", []):
+            print(f"speedup {mode} batch {s['batch']}: {s['end_to_end']:.1f}x end to end, {s['per_step']:.1f}x per step")
 
 
 if __name__ == "__main__":
