@@ -16,7 +16,7 @@ python make_tiny.py --out "$TINY"
 export TEACHER=$TINY/teacher PROXY=$TINY/proxy STUDENT=$TINY/student STUDENT_TOKENIZER=$TINY/student
 export DATASET=gsm8k GRID=tiny BATCH=64 ADS_BATCH=64
 # accelerate starts several CPU processes only through torchrun (--multi_gpu); they talk over gloo
-export LAUNCH="accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+export LAUNCH=${LAUNCH:-"accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"}
 # prompts are <= 75 teacher tokens and <= 170 student tokens; traces are ~30 tokens
 export GEN_ARGS="data_dir=$TINY/data max_length=256 max_prompt_length=192 ${GEN_ARGS:-}"
 export GRAD_ARGS="batch_size=8 max_length=256 ${GRAD_ARGS:-}"

@@ -42,7 +42,7 @@ def decode(models, n_rows, rank, args):
 def main():
     args = parser.parse_args()
     state = PartialState()
-    torch.cuda.set_device(state.device)
+    torch.cuda.set_device(state.local_process_index)
     models = DecodeModels(teacher=build(TEACHER, 0), vocab_size=VOCAB, eos_ids=[], pad_id=0,
                           plus=build(PROXY, 1), minus=build(PROXY, 2))
     decode(models, args.batch, state.process_index, args)  # warm-up: capture and compile outside the window
