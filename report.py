@@ -124,8 +124,10 @@ def plot_tradeoff(rows: list[dict], base: dict | None, path: Path) -> None:
     ax.set_xlabel("teacher accuracy, answer-forced (%)")
     ax.set_ylabel("distilled student accuracy, answer-forced (%)")
     ax.set_title("Teacher vs distilled-student accuracy")
+    ax.set_xlim(-2, 102)  # fixed 0-100% axes keep plots of different sweeps comparable
+    ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=150)
