@@ -1,4 +1,4 @@
-"""The tiny assets built by make_tiny.py: data schema, tokenizers, templates, and a teacher that solves the test set."""
+"""Tiny assets from make_tiny.py: data schema, tokenizers, chat templates, a teacher that solves the test set."""
 import json
 import os
 import re
