@@ -2,7 +2,10 @@
 and be well formed."""
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -14,13 +17,55 @@ TRACE_COLUMNS = {"idx", "question", "gold", "system", "prompt", "completion", "t
                  "raw_pred", "af_pred", "raw_correct", "af_correct", "n_tokens", "finished"}
 
 
+KILLED_STAGE = "eval_student_base"  # the last generation stage: killing there costs CI the least
+
+
+def descendants(pid):
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_during_stage(env, exp, stage):
+    """Run the pipeline and SIGKILL it and every process under it once `stage` has started decoding."""
+    proc = subprocess.Popen(["bash", str(REPO / "pipeline_tiny.sh")], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = exp / "traces" / f".{stage}.work"
+    deadline = time.time() + 1200
+    while not work.exists():
+        assert proc.poll() is None and time.time() < deadline, "pipeline ended before the stage started"
+        time.sleep(0.05)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's workers leave the process group
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    time.sleep(1.0)
+    assert not (exp / "traces" / stage).exists()  # killed mid-stage: no sentinel
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_assets, tmp_path_factory):
+    """The tiny pipeline, killed (SIGKILL) during its last generation stage and then rerun."""
     exp = tmp_path_factory.mktemp("pipeline") / "exp"
     env = {**os.environ, "EXP_DIR": str(exp), "TINY_ASSETS": str(tiny_assets)}
+    kill_during_stage(env, exp, KILLED_STAGE)
     res = subprocess.run(["bash", str(REPO / "pipeline_tiny.sh")], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-4000:]
+    stages = [line.split(" ", 2)[2] for line in res.stderr.splitlines() if line.startswith("== ")]
+    assert stages == ["undistilled student eval", "report"]  # finished stages were skipped
     return exp
 
 
@@ -84,3 +129,15 @@ def test_rerun_skips_every_finished_stage(tiny_run, tiny_assets):
     assert res.returncode == 0, res.stderr[-2000:]
     stages = [line for line in res.stderr.splitlines() if line.startswith("== ")]
     assert [s.split(" ", 2)[2] for s in stages] == ["report"]
+
+
+def test_stage_killed_mid_run_is_redone_to_the_uninterrupted_result(tiny_run, tiny_assets, tmp_path):
+    side = yaml.safe_load((tiny_run / "traces" / f"{KILLED_STAGE}.yaml").read_text())
+    overrides = [f"{k}={v}" for k, v in side["config"].items()
+                 if k in ("teacher", "tokenizer", "data_split", "data_dir", "max_length", "max_prompt_length",
+                          "tau", "lam", "batch_size", "trace_name")]
+    subprocess.run([sys.executable, str(REPO / "gentraces.py"), *overrides, f"exp_dir={tmp_path}"],
+                   check=True, cwd=REPO, capture_output=True)
+    resumed = datasets.load_from_disk(str(tiny_run / "traces" / KILLED_STAGE))
+    whole = datasets.load_from_disk(str(tmp_path / "traces" / KILLED_STAGE))
+    assert resumed["completion"] == whole["completion"] and resumed["forced"] == whole["forced"]
