@@ -173,9 +173,8 @@ def generate_chunk(models, tokenizer, chunk, marker, cfg, params, progress):
     return rows
 
 
-def generate_all(cfg, state, models, tokenizer, examples, marker, work):
+def generate_all(cfg, params, state, models, tokenizer, examples, marker, work):
     """Chunk c goes to process c % world; a chunk already on disk is skipped (resume)."""
-    params = sampling_params(cfg)
     size = cfg.batch_size * 4  # chunk = resume granularity; 4 x slots keeps continuous batching busy
     chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
     mine = [c for c in range(len(chunks)) if c % state.num_processes == state.process_index]
@@ -269,7 +268,7 @@ def main(argv):
     start = time.time()
     models = load_models(cfg, tokenizer, grads, params, state.device)
     work = prepare_workdir(cfg, state)
-    n_chunks = generate_all(cfg, state, models, tokenizer, examples, marker, work)
+    n_chunks = generate_all(cfg, params, state, models, tokenizer, examples, marker, work)
     if not state.is_main_process:
         return
     rows = grade(gather(work, n_chunks), utils.parse_split(cfg.data_split)[0], cfg.trace_colname)
