@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from sampling import ads_score, fd_delta, filter_top_k_top_p, generate_reference, row_uniforms
+from sampling import ads_score, fd_delta, filter_top_k_top_p, generate_reference, permute_vocab, row_uniforms
 
 try:
     import triton
@@ -527,11 +527,15 @@ class Engine:
             logits.append(out.logits[:, -1, :self.vocab])
         return logits
 
-    def scores_of(self, logits):
+    def scores_of(self, logits, rows, steps):
+        """Scores for each slot's next token; rows and steps (tokens kept so far) key the control's
+        permutation exactly as sampling.generate_reference does."""
         p = self.params
         if p.greedy:
             return logits[0].float()
         delta = fd_delta(logits[1], logits[2], p.eps) if p.uses_proxy else None
+        if delta is not None and p.control == "permute":
+            delta = permute_vocab(delta, p.seed, rows, steps)
         return ads_score(logits[0], delta, p.tau, p.lam)
 
     def pick(self, u):
@@ -549,7 +553,7 @@ class Engine:
         self.done.logical_or_(is_eos | (self.n_gen >= self.budget))
         pos = self.seq_len.clamp(max=self.max_len - 1)  # finished slots write harmlessly in bounds
         feed = torch.where(self.done, self.pad, tok)
-        self.score.copy_(self.scores_fn(self.decode_logits(feed, pos)))
+        self.score.copy_(self.scores_fn(self.decode_logits(feed, pos), self.row_id, self.n_gen))
         self.seq_len.add_((~self.done).long())
 
     def capture(self, compile_layers=True):
@@ -627,9 +631,10 @@ class Engine:
         token_rows, token_cols = real.nonzero(as_tuple=True)
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         prefill = Prefill(positions, slot_t, token_rows, token_cols, mask[:, None])
-        self.score[slot_t] = self.scores_of(self.forward(ids, positions, prefill))
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.score[slot_t] = self.scores_of(self.forward(ids, positions, prefill), rows_t, torch.zeros_like(rows_t))
         self.seq_len[slot_t] = torch.tensor([len(p) for p in prompts], device=self.device)
-        self.row_id[slot_t] = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.row_id[slot_t] = rows_t
         self.budget[slot_t] = torch.tensor(budgets, dtype=torch.long, device=self.device)
         self.n_gen[slot_t] = 0
         self.done[slot_t] = False

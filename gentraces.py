@@ -41,8 +41,12 @@ def validate(cfg):
         die(f"batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.ads_mode not in ("fd", "jvp"):
         die(f"ads_mode must be fd or jvp, got {cfg.ads_mode!r}")
-    if cfg.engine not in ("auto", "reference"):
-        die(f"engine must be auto or reference, got {cfg.engine!r}")
+    if cfg.engine not in ("auto", "eager", "reference"):
+        die(f"engine must be auto, eager or reference, got {cfg.engine!r}")
+    if cfg.ads_control not in ("none", "permute"):
+        die(f"ads_control must be none or permute, got {cfg.ads_control!r}")
+    if cfg.ads_control != "none" and not cfg.lam:
+        die(f"ads_control={cfg.ads_control} permutes the ADS penalty; it needs lam > 0")
     if cfg.lam and cfg.tau == 0:
         die("tau=0 is greedy decoding on the teacher; lam must be 0 with it")
     if cfg.lam and not cfg.grad_path:
@@ -53,7 +57,7 @@ def sampling_params(cfg):
     return sampling.SamplingParams(tau=float(cfg.tau), lam=float(cfg.lam or 0.0), eps=float(cfg.eps or 0.0),
                                    top_p=float(cfg.top_p), top_k=int(cfg.top_k),
                                    repetition_penalty=float(cfg.repetition_penalty),
-                                   seed=int(cfg.seed), ads_mode=cfg.ads_mode)
+                                   seed=int(cfg.seed), ads_mode=cfg.ads_mode, control=cfg.ads_control)
 
 
 def load_prompts(cfg, tokenizer):

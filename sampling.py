@@ -31,6 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int = 0
     ads_mode: str = "fd"             # fd | jvp
+    control: str = "none"            # none | permute: delta_hat shuffled over the vocabulary (paper's control)
 
     @property
     def greedy(self):
@@ -66,6 +67,16 @@ def ads_score(z_teacher, delta, tau, lam):
     temperature, so its effective strength was lam/tau).  Inputs are (B, V) on the same ids."""
     score = F.log_softmax(z_teacher.float(), dim=-1) / tau
     return score + lam * delta if lam else score
+
+
+def permute_vocab(delta, seed, rows, steps):
+    """The paper's permutation control: each row's delta_hat shuffled over the vocabulary by a fresh
+    permutation per (seed, row, position).  The penalty keeps its values and scale but loses its
+    link to the tokens, so a control row shows what the gradient signal itself contributes."""
+    cols = torch.arange(delta.shape[-1], device=delta.device)
+    keys = _mix32(rows.long()[:, None] * 0x9E3779B1 + _mix32(steps.long()[:, None] * 0x85EBCA77 + cols))
+    keys = _mix32(keys ^ _mix32(torch.full_like(keys, seed) + 0x27D4EB2F))
+    return delta.gather(-1, keys.argsort(dim=-1, stable=True))
 
 
 def _mix32(x):
@@ -283,8 +294,9 @@ def generate_reference(models, prompts, rows, max_new, params, progress=None):
     done = budget <= 0
     ended = torch.zeros_like(done)
     for t in range(out.shape[1]):
-        u = row_uniforms(params.seed, rows_t, torch.full_like(rows_t, t))
-        delta = _delta(models, params, logits, ids, mask)
+        step = torch.full_like(rows_t, t)
+        u = row_uniforms(params.seed, rows_t, step)
+        delta = _delta(models, params, logits, ids, mask, rows_t, step)
         tok = next_tokens(logits[0], delta, params, u, seen)
         is_eos = torch.isin(tok, eos) & ~done
         write = ~done & ~is_eos
@@ -306,12 +318,14 @@ def generate_reference(models, prompts, rows, max_new, params, progress=None):
     return [out[i, :n].tolist() for i, n in enumerate(lengths.tolist())], ended.tolist()
 
 
-def _delta(models, params, logits, ids, mask):
+def _delta(models, params, logits, ids, mask, rows, step):
     if not params.uses_proxy:
         return None
     if params.ads_mode == "fd":
-        return fd_delta(logits[1], logits[2], params.eps)
-    return exact_delta(models.proxy, models.grads, ids, mask, _positions(mask), models.vocab_size)
+        delta = fd_delta(logits[1], logits[2], params.eps)
+    else:
+        delta = exact_delta(models.proxy, models.grads, ids, mask, _positions(mask), models.vocab_size)
+    return permute_vocab(delta, params.seed, rows, step) if params.control == "permute" else delta
 
 
 def _seen_mask(ids, mask, vocab_size):
@@ -321,11 +335,13 @@ def _seen_mask(ids, mask, vocab_size):
 
 
 def generate(models, prompts, rows, max_new, params, batch_size, engine="auto", progress=None):
-    """Decode all prompts with batch_size slots: the fast engine (engine.py) by default, the
-    reference loop over fixed chunks when engine='reference'."""
-    if engine == "auto":
+    """Decode all prompts with batch_size slots: the fast engine (engine.py) by default ('eager':
+    the same engine without torch.compile), the reference loop over fixed chunks when
+    engine='reference'."""
+    if engine in ("auto", "eager"):
         import engine as fast
-        return fast.generate(models, prompts, rows, max_new, params, batch_size, progress=progress)
+        return fast.generate(models, prompts, rows, max_new, params, batch_size, progress=progress,
+                             compile_layers=engine == "auto")
     outs, ended = [], []
     for s in range(0, len(prompts), batch_size):
         sl = slice(s, s + batch_size)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import engine
 from sampling import (DecodeModels, SamplingParams, ads_score, fd_delta, filter_top_k_top_p, generate_reference,
-                      perturbed_proxies, row_uniforms, sample_from_scores)
+                      permute_vocab, perturbed_proxies, row_uniforms, sample_from_scores)
 
 VOCAB = 70          # ids the "tokenizer" defines: teacher logits are 80 wide, proxy logits 72
 PAD = 0
@@ -61,13 +61,15 @@ def ragged_prompts(n, seed):
 
 
 @torch.no_grad()
-def scratch_score(models, params, seq):
+def scratch_score(models, params, seq, row=0, step=0):
     """The step's score from full forwards of the whole sequence through every model (no cache)."""
     ids = torch.tensor([seq])
     logits = [m(input_ids=ids).logits[:, -1, :VOCAB] for m in (models.teacher, models.plus, models.minus) if m]
     if params.greedy:
         return logits[0].float()
     delta = fd_delta(logits[1], logits[2], params.eps) if params.uses_proxy else None
+    if params.control == "permute":
+        delta = permute_vocab(delta, params.seed, torch.tensor([row]), torch.tensor([step]))
     return ads_score(logits[0], delta, params.tau, params.lam)
 
 
@@ -77,7 +79,7 @@ def scratch_generate(models, params, prompts, rows, max_new):
     for prompt, row, budget in zip(prompts, rows, max_new):
         out, hit_eos = [], False
         while len(out) < budget:
-            score = scratch_score(models, params, prompt + out)
+            score = scratch_score(models, params, prompt + out, row, len(out))
             u = row_uniforms(params.seed, torch.tensor([row]), torch.tensor([len(out)]))
             tok = int(score.argmax(-1) if params.greedy else sample_from_scores(score, u, params.top_k, params.top_p))
             if tok in models.eos_ids:
@@ -89,9 +91,10 @@ def scratch_generate(models, params, prompts, rows, max_new):
     return tokens, ended
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_top_k_1_tokens_equal_from_scratch_recomputation_with_continuous_batching(arch, teacher, llama_teacher, proxies):
-    params = SamplingParams(tau=0.7, lam=0.4, top_k=1)
+@pytest.mark.parametrize("arch,control", [("qwen2", "none"), ("llama", "none"), ("qwen2", "permute")])
+def test_top_k_1_tokens_equal_from_scratch_recomputation_with_continuous_batching(arch, control, teacher,
+                                                                                  llama_teacher, proxies):
+    params = SamplingParams(tau=0.7, lam=0.4, top_k=1, control=control)
     models = decode_models(teacher if arch == "qwen2" else llama_teacher, proxies, eos_ids=())
     prompts, rows = ragged_prompts(7, seed=11), list(range(20, 27))
     max_new = [6, 11, 2, 9, 4, 12, 7]
@@ -112,6 +115,19 @@ def test_sampled_tokens_equal_generate_reference(teacher, proxies):
     want = generate_reference(models, prompts, rows, max_new, params)
     got = engine.generate(models, prompts, rows, max_new, params, batch_size=4, check_every=2)
     assert got == want
+
+
+def test_permutation_control_equals_generate_reference_and_breaks_the_ads_choice(teacher, proxies):
+    models = decode_models(teacher, proxies, eos_ids=(3, 9))
+    prompts, rows = ragged_prompts(9, seed=15), list(range(9))
+    max_new = [12] * 9
+    # lam large against tau: the penalty decides the tokens, so its permutation must change them
+    ads = SamplingParams(tau=1.0, lam=50.0, top_p=0.95, seed=5)
+    control = SamplingParams(tau=1.0, lam=50.0, top_p=0.95, seed=5, control="permute")
+    want = generate_reference(models, prompts, rows, max_new, control)
+    got = engine.generate(models, prompts, rows, max_new, control, batch_size=4, check_every=2)
+    assert got == want
+    assert got != engine.generate(models, prompts, rows, max_new, ads, batch_size=4, check_every=2)
 
 
 def test_results_do_not_depend_on_slots_or_check_interval(teacher, proxies):

@@ -146,6 +146,9 @@ def test_bad_gradient_file_is_one_clear_error_and_writes_nothing(kind, message, 
     ({"temperature": 1}, "did you mean 'tau'"),
     ({"max_lenght": 1}, "did you mean 'max_length'"),
     ({"max_prompt_length": 5}, "no prompts left"),
+    ({"tau": 1.0, "ads_control": "permute"}, "it needs lam > 0"),
+    ({"ads_control": "shuffle"}, "ads_control must be none or permute"),
+    ({"engine": "vllm"}, "engine must be auto, eager or reference"),
 ])
 def test_bad_config_is_one_clear_error_and_writes_nothing(override, message, tiny_assets, tmp_path):
     exp = tmp_path / "exp"

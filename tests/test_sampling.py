@@ -94,6 +94,24 @@ def test_row_uniforms_are_a_pure_function_of_seed_row_and_step():
     assert abs(u.mean().item() - 0.5) < 0.03  # roughly uniform
 
 
+def test_permutation_control_shuffles_each_row_by_seed_row_and_step():
+    delta = torch.randn(64, 50)
+    rows, steps = torch.arange(64), torch.full((64,), 3)
+    perm = sampling.permute_vocab(delta, 0, rows, steps)
+    assert torch.equal(perm.sort(-1).values, delta.sort(-1).values)  # same values, other tokens
+    assert torch.equal(perm[5:9], sampling.permute_vocab(delta[5:9], 0, rows[5:9], steps[5:9]))
+    for other in (sampling.permute_vocab(delta, 1, rows, steps), sampling.permute_vocab(delta, 0, rows, steps + 1),
+                  sampling.permute_vocab(delta, 0, rows + 1, steps)):
+        assert (other != perm).any(-1).all()
+    # a fixed token's penalty lands anywhere: over many rows its source column is near uniform
+    same = delta[:1].expand(4096, -1)
+    src = sampling.permute_vocab(torch.arange(50.0).expand(4096, -1), 0, torch.arange(4096), torch.zeros(4096))
+    assert torch.equal(sampling.permute_vocab(same, 0, torch.arange(4096), torch.zeros(4096))[:, 0],
+                       delta[0, src[:, 0].long()])
+    counts = torch.bincount(src[:, 0].long(), minlength=50).float()
+    assert counts.min() > 40 and counts.max() < 130  # expected 82 per column
+
+
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     kept = sampling.filter_top_k_top_p(probs, top_p=0.8) > 0
