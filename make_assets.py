@@ -1,11 +1,16 @@
-"""Build the tiny pipeline's offline assets: synthetic GSM8K-style data, two tokenizers, three small models.
+"""Build offline assets: synthetic GSM8K-style word problems, two tokenizers, three models from scratch.
 
 The teacher (Qwen2, R1-Distill-style template) is trained until its greedy traces solve most test
-problems, answer forcing included. The proxy (smaller Qwen2, same tokenizer, another padded vocab
-width) and the student (Llama, Llama-3-style template, its own vocabulary) are weak base models
-pretrained on domain text. Deterministic data for a seed; CPU only, about 70 s on 2 idle cores.
+problems, answer forcing included. The proxy (Qwen2, the teacher's tokenizer, another padded vocab
+width) and the student (Llama, Llama-3-style template, its own vocabulary) are base models pretrained
+on domain text. Deterministic data for a seed. Two profiles:
+  tiny   the CI pipeline's assets: one-digit problems, sub-million-parameter models; about 70 s on 2 CPU cores
+  synth  the one-GPU reproduction: two-digit problems of 3-5 steps written in varied styles (room for
+         ADS to choose among correct tokens), a ~30M-parameter teacher; proxy and student pretrained on
+         the questions and on arithmetic facts, never on solutions; a few minutes on one H200
 
-    python make_tiny.py --out tiny_assets
+    python make_assets.py --out tiny_assets
+    python make_assets.py --profile synth --out exp/synth/assets
 """
 import argparse
 import json
@@ -33,12 +38,39 @@ LOSSES = ["gives {n} to {other}", "loses {n}", "sells {n}", "uses {n}", "gives {
 OPENINGS = ["{name} has {n} {obj}.", "{name} starts with {n} {obj}."]
 ASKS = ["How many {obj} does {name} have now?", "How many {obj} does {name} end up with?",
         "How many {obj} does {name} have at the end?"]
-MAX_VALUE = 9  # values stay in 1..9: one token each under Qwen's digit split, arithmetic a small table
 FORCE = "\n\n**Final Answer**\n\\[\\boxed{"  # the pipeline's answer-forcing suffix
 AF_FRACTION = 0.2  # share of teacher examples that teach answer forcing
-SPLIT_SIZES = {"train": 200, "test": 64}
-TEACHER_PROBLEMS = 4000
-TEACHER_VAL = 64  # held-out teacher problems: training stops once greedy solves 90% of them
+# How a step may be written in a synth trace; the teacher learns them all with equal weight, so its
+# sampling distribution keeps real choices among correct continuations (as a language model's does).
+STEP_STYLES = ["{a}{s}{b}={r}\n", "{a} {s} {b} = {r}\n", "{a} {w} {b} is {r}\n"]
+CLOSINGS = ["The answer is \\boxed{{{r}}}.", "So {name} has \\boxed{{{r}}} {obj}.", "\\boxed{{{r}}}"]
+WORDS = {"+": "plus", "-": "minus"}
+
+PROFILES = {
+    "tiny": {
+        "max_value": 9,  # values stay in 1..9: one token each under Qwen's digit split, arithmetic a small table
+        "n_steps": (2, 3), "styles": False, "splits": {"train": 200, "test": 64},
+        "teacher_problems": 4000, "teacher_val": 64,  # training stops once greedy solves 90% of the val problems
+        "teacher": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2),
+        "teacher_train": dict(steps=1000, batch_size=16, lr=7e-3), "teacher_target": 0.9, "check_every": 100,
+        "base": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2),
+        "base_train": dict(steps=50, batch_size=32, lr=3e-3), "arithmetic_docs": 0,
+        "vocab": {"teacher": 1000, "student": 400}, "max_new_tokens": 64,
+    },
+    "synth": {
+        "max_value": 60, "n_steps": (3, 5), "styles": True, "splits": {"train": 3000, "test": 500},
+        "teacher_problems": 40000, "teacher_val": 256,
+        "teacher": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=2),
+        "teacher_train": dict(steps=3000, batch_size=128, lr=1e-3), "teacher_target": 0.96, "check_every": 200,
+        "base": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=2),
+        "base_train": dict(steps=1500, batch_size=64, lr=2e-3), "arithmetic_docs": 20000,
+        "vocab": {"teacher": 2000, "student": 800}, "max_new_tokens": 160,
+    },
+}
 
 TEACHER_SPECIALS = ["<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>"]
 STUDENT_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
@@ -56,15 +88,16 @@ STUDENT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
-def make_problem(rng):
-    """One word problem: a start value then 2-3 gains or losses; returns question, GSM8K answer, steps."""
+def make_problem(rng, max_value, n_steps):
+    """One word problem: a start value then n_steps gains or losses, every value in 1..max_value;
+    returns question, GSM8K answer, steps and the names the trace may mention."""
     name, other = rng.sample(NAMES, 2)
     obj = rng.choice(OBJECTS)
-    value = rng.randint(2, MAX_VALUE - 1)
+    value = rng.randint(2, max_value - 1)
     start, clauses, steps = value, [], []
-    for _ in range(rng.randint(2, 3)):
-        if value < MAX_VALUE and (value == 1 or rng.random() < 0.5):
-            n = rng.randint(1, MAX_VALUE - value)
+    for _ in range(rng.randint(*n_steps)):
+        if value < max_value and (value == 1 or rng.random() < 0.5):
+            n = rng.randint(1, max_value - value)
             clause, new = rng.choice(GAINS).format(n=n, other=other), value + n
         else:
             n = rng.randint(1, value - 1)
@@ -75,24 +108,48 @@ def make_problem(rng):
     question = " ".join([rng.choice(OPENINGS).format(name=name, n=start, obj=obj),
                          f"{name} {', then '.join(clauses)}.", rng.choice(ASKS).format(name=name, obj=obj)])
     lines = [f"{name} {c}: {a} {s} {b} = <<{a}{s}{b}={r}>>{r} {obj}." for c, (a, s, b, r) in zip(clauses, steps)]
-    return {"question": question, "answer": "\n".join(lines) + f"\n#### {value}", "steps": steps, "result": value}
+    return {"question": question, "answer": "\n".join(lines) + f"\n#### {value}", "steps": steps, "result": value,
+            "name": name, "obj": obj}
 
 
-def make_problems(rng, count, exclude):
+def make_problems(rng, count, exclude, profile):
     """count problems with distinct questions, none of them in exclude."""
     problems, seen = [], set(exclude)
     while len(problems) < count:
-        p = make_problem(rng)
+        p = make_problem(rng, profile["max_value"], profile["n_steps"])
         if p["question"] not in seen:
             seen.add(p["question"])
             problems.append(p)
     return problems
 
 
-def reasoning(problem):
-    """The teacher's trace after `<think>\\n`: one equation a line, then the boxed answer."""
-    eqs = "".join(f"{a}{s}{b}={r}\n" for a, s, b, r in problem["steps"])
-    return eqs + f"</think>\n\nThe answer is \\boxed{{{problem['result']}}}."
+def reasoning(problem, rng=None):
+    """The teacher's trace after `<think>\\n`: one equation a line, then the boxed answer.  With rng
+    (synth), every line and the closing take a random style from STEP_STYLES and CLOSINGS."""
+    if rng is None:
+        eqs = "".join(f"{a}{s}{b}={r}\n" for a, s, b, r in problem["steps"])
+        return eqs + f"</think>\n\nThe answer is \\boxed{{{problem['result']}}}."
+    eqs = "".join(rng.choice(STEP_STYLES).format(a=a, s=s, w=WORDS[s], b=b, r=r) for a, s, b, r in problem["steps"])
+    closing = rng.choice(CLOSINGS).format(r=problem["result"], name=problem["name"], obj=problem["obj"])
+    return eqs + "</think>\n\n" + closing
+
+
+def arithmetic_facts(rng, count, max_value):
+    """Domain text with no solutions: short documents of sums and differences in every step style,
+    so base models know the arithmetic and the notation but have never seen a worked problem."""
+    docs = []
+    for _ in range(count):
+        lines = []
+        for _ in range(rng.randint(4, 10)):
+            a, b = rng.randint(1, max_value), rng.randint(1, max_value)
+            s = "+" if a + b <= max_value and rng.random() < 0.5 else "-"
+            a, b = (a, b) if s == "+" or a > b else (b, a)
+            if a == b:
+                continue
+            r = a + b if s == "+" else a - b
+            lines.append(rng.choice(STEP_STYLES).format(a=a, s=s, w=WORDS[s], b=b, r=r))
+        docs.append("".join(lines))
+    return docs
 
 
 def write_jsonl(path, problems):
@@ -146,7 +203,7 @@ def padded_vocab(n, multiple):
     return (n + multiple - 1) // multiple * multiple + multiple
 
 
-def teacher_examples(tok, problems, system_prompt, rng):
+def teacher_examples(tok, problems, system_prompt, rng, styles):
     """(ids, labels) pairs: prompt -> trace + eos, or prompt + trace + FORCE -> `N}\\]` + eos.
 
     The prompt itself is a target too: predicting the question's repeated names and objects grows the
@@ -156,7 +213,7 @@ def teacher_examples(tok, problems, system_prompt, rng):
     examples = []
     for p in problems:
         prompt = tok(render_prompt(tok, system_prompt, p["question"]), add_special_tokens=False).input_ids
-        trace = reasoning(p)
+        trace = reasoning(p, rng if styles else None)
         if rng.random() < AF_FRACTION:
             if rng.random() < 0.3:  # truncated traces, as max_length or a poisoned sample would leave them
                 trace = trace[:rng.randint(0, len(trace))]
@@ -179,19 +236,19 @@ def text_examples(tok, texts):
     return examples
 
 
-def collate(batch, pad_id):
+def collate(batch, pad_id, device):
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id)
     labels = torch.full((len(batch), width), -100)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, (x, y) in enumerate(batch):
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, labels, mask
+    return ids.to(device), labels.to(device), mask.to(device)
 
 
-def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=None):
+def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=None, check_every=100):
     """AdamW, linear warmup then cosine decay, on random batches; stops early once good_enough(model)
-    holds (checked every 100 steps after the first third). Returns the last loss and the steps taken."""
+    holds (checked every check_every steps after the first third). Returns the last loss and the steps taken."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -201,7 +258,7 @@ def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=Non
     model.train()
     bar = tqdm(range(steps), desc=desc)
     for step in bar:
-        ids, labels, mask = collate(rng.sample(examples, batch_size), model.config.pad_token_id)
+        ids, labels, mask = collate(rng.sample(examples, batch_size), model.config.pad_token_id, model.device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -209,7 +266,7 @@ def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=Non
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if good_enough and step + 1 >= steps / 3 and (step + 1) % 100 == 0 and good_enough(model.eval()):
+        if good_enough and step + 1 >= steps / 3 and (step + 1) % check_every == 0 and good_enough(model.eval()):
             break
         model.train()
     model.eval()
@@ -220,7 +277,7 @@ def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=Non
 def greedy_completions(model, tok, prompts, max_new_tokens=64):
     """Greedy decode of left-padded prompts; returns the decoded completions."""
     tok.padding_side = "left"
-    enc = tok(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
+    enc = tok(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(model.device)
     tok.padding_side = "right"
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
@@ -231,9 +288,9 @@ def last_boxed(text):
     return found[-1].strip() if found else None
 
 
-def new_model(cls, config_cls, seed, **kw):
+def new_model(cls, config_cls, seed, device, **kw):
     torch.manual_seed(seed)
-    return cls(config_cls(tie_word_embeddings=False, max_position_embeddings=2048, dtype="float32", **kw))
+    return cls(config_cls(tie_word_embeddings=False, max_position_embeddings=2048, dtype="float32", **kw)).to(device)
 
 
 def save_model(model, tok, path):
@@ -248,32 +305,35 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def make_data(out, seed):
+def make_data(out, seed, profile):
     """Write train/test jsonl (disjoint questions); return them and the teacher's own problem pool."""
     rng = random.Random(seed)
-    test = make_problems(rng, SPLIT_SIZES["test"], exclude=())
-    train = make_problems(rng, SPLIT_SIZES["train"], exclude=[p["question"] for p in test])
-    pool = make_problems(rng, TEACHER_PROBLEMS + TEACHER_VAL, exclude=[p["question"] for p in test])
+    test = make_problems(rng, profile["splits"]["test"], (), profile)
+    train = make_problems(rng, profile["splits"]["train"], [p["question"] for p in test], profile)
+    pool = make_problems(rng, profile["teacher_problems"] + profile["teacher_val"], [p["question"] for p in test],
+                         profile)
     write_jsonl(os.path.join(out, "data/gsm8k/train.jsonl"), train)
     write_jsonl(os.path.join(out, "data/gsm8k/test.jsonl"), test)
     return train, test, pool
 
 
-def make_tokenizers(pool, system_prompt):
+def make_tokenizers(pool, system_prompt, profile):
     """Teacher/proxy tokenizer (R1-Distill-like) and a student tokenizer with another vocabulary."""
-    corpus = [system_prompt, FORCE] + [t for p in pool for t in (p["question"], p["answer"], reasoning(p))]
-    teacher = build_tokenizer(corpus, 1000, TEACHER_SPECIALS, ["<think>", "</think>"], bos=TEACHER_SPECIALS[3],
+    rng = random.Random(0) if profile["styles"] else None
+    corpus = [system_prompt, FORCE] + [t for p in pool for t in (p["question"], p["answer"], reasoning(p, rng))]
+    vocab = profile["vocab"]
+    teacher = build_tokenizer(corpus, vocab["teacher"], TEACHER_SPECIALS, ["<think>", "</think>"], bos=TEACHER_SPECIALS[3],
                               eos=TEACHER_SPECIALS[0], pad=TEACHER_SPECIALS[0], template=TEACHER_TEMPLATE,
                               qwen_split=True)  # the corpus saturates near 530 tokens: every word is one token
-    student = build_tokenizer(corpus, 400, STUDENT_SPECIALS, [], bos=STUDENT_SPECIALS[0], eos=STUDENT_SPECIALS[5],
+    student = build_tokenizer(corpus, vocab["student"], STUDENT_SPECIALS, [], bos=STUDENT_SPECIALS[0], eos=STUDENT_SPECIALS[5],
                               pad=STUDENT_SPECIALS[2], template=STUDENT_TEMPLATE)
     return teacher, student
 
 
-def greedy_accuracy(model, tok, system_prompt, problems):
+def greedy_accuracy(model, tok, system_prompt, problems, max_new_tokens=64):
     """Share of problems whose greedy trace boxes the right answer, and the traces."""
     prompts = [render_prompt(tok, system_prompt, p["question"]) for p in problems]
-    completions = greedy_completions(model, tok, prompts)
+    completions = greedy_completions(model, tok, prompts, max_new_tokens)
     correct = sum(last_boxed(c) == str(p["result"]) for c, p in zip(completions, problems))
     return correct / len(problems), completions
 
@@ -286,55 +346,67 @@ def forced_accuracy(model, tok, system_prompt, problems, completions):
     return sum(f.split("}")[0].strip() == str(p["result"]) for f, p in zip(forced, problems)) / len(problems)
 
 
-def train_teacher(tok, pool, system_prompt, seed):
-    """Qwen2 teacher trained on its own problems until greedy solves 90% of held-out ones (<= 1000 steps)."""
-    teacher = new_model(Qwen2ForCausalLM, Qwen2Config, seed, vocab_size=padded_vocab(len(tok), 64),
-                        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id)
-    train, val = pool[:-TEACHER_VAL], pool[-TEACHER_VAL:]
-    examples = teacher_examples(tok, train, system_prompt, random.Random(seed))
+def train_teacher(tok, pool, system_prompt, seed, profile, device):
+    """Qwen2 teacher trained on its own problems until greedy solves teacher_target of held-out ones."""
+    teacher = new_model(Qwen2ForCausalLM, Qwen2Config, seed, device, vocab_size=padded_vocab(len(tok), 64),
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        **profile["teacher"])
+    n_val = profile["teacher_val"]
+    train, val = pool[:-n_val], pool[-n_val:]
+    examples = teacher_examples(tok, train, system_prompt, random.Random(seed), profile["styles"])
 
     def solved(model):
-        return greedy_accuracy(model, tok, system_prompt, val)[0] >= 0.9
+        return greedy_accuracy(model, tok, system_prompt, val, profile["max_new_tokens"])[0] >= profile["teacher_target"]
 
-    loss, steps = train_lm(teacher, examples, steps=1000, batch_size=16, lr=7e-3, seed=seed, desc="teacher",
-                           good_enough=solved)
+    loss, steps = train_lm(teacher, examples, seed=seed, desc="teacher", good_enough=solved,
+                           check_every=profile["check_every"], **profile["teacher_train"])
     return teacher, loss, steps
 
 
-def train_base_model(cls, config_cls, tok, texts, vocab_size, seed, desc):
-    """A weak base model: a few seconds of language modelling on domain text."""
-    model = new_model(cls, config_cls, seed, vocab_size=vocab_size, hidden_size=64, intermediate_size=192,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    loss, _ = train_lm(model, text_examples(tok, texts), steps=50, batch_size=32, lr=3e-3, seed=seed, desc=desc)
+def train_base_model(cls, config_cls, tok, texts, vocab_size, seed, desc, profile, device):
+    """A base model: language modelling on domain text."""
+    model = new_model(cls, config_cls, seed, device, vocab_size=vocab_size, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **profile["base"])
+    loss, _ = train_lm(model, text_examples(tok, texts), seed=seed, desc=desc, **profile["base_train"])
     return model, loss
 
 
-def build(out, seed):
-    t0 = time.time()
-    system_prompt = load_system_prompt()
-    train, test, pool = make_data(out, seed)
-    ttok, stok = make_tokenizers(pool, system_prompt)
+def base_corpora(pool, profile, seed):
+    """Pretraining text of the proxy and of the student.  tiny: the proxy reads questions with their
+    GSM8K solutions, the student questions alone.  With arithmetic_docs, both read the questions and
+    arithmetic facts, never a solved problem, so all they know of the task's reasoning comes later."""
+    questions = [p["question"] for p in pool]
+    if not profile["arithmetic_docs"]:
+        return [p["question"] + "\n" + p["answer"] for p in pool], questions
+    text = questions + arithmetic_facts(random.Random(seed + 3), profile["arithmetic_docs"], profile["max_value"])
+    return text, text
 
-    teacher, teacher_loss, teacher_steps = train_teacher(ttok, pool, system_prompt, seed)
-    accuracy, completions = greedy_accuracy(teacher, ttok, system_prompt, test)
+
+def build(out, seed, profile):
+    t0 = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    system_prompt = load_system_prompt()
+    train, test, pool = make_data(out, seed, profile)
+    ttok, stok = make_tokenizers(pool, system_prompt, profile)
+
+    teacher, teacher_loss, teacher_steps = train_teacher(ttok, pool, system_prompt, seed, profile, device)
+    accuracy, completions = greedy_accuracy(teacher, ttok, system_prompt, test, profile["max_new_tokens"])
     af_accuracy = forced_accuracy(teacher, ttok, system_prompt, test, completions)
     save_model(teacher, ttok, os.path.join(out, "teacher"))
+    proxy_text, student_text = base_corpora(pool, profile, seed)
     # Another padded width than the teacher's, as Qwen2.5-3B (151,936) against R1-Distill-7B (152,064).
-    domain = [p["question"] + "\n" + p["answer"] for p in pool]
-    proxy, proxy_loss = train_base_model(Qwen2ForCausalLM, Qwen2Config, ttok, domain, padded_vocab(len(ttok), 32),
-                                         seed + 1, "proxy")
+    proxy, proxy_loss = train_base_model(Qwen2ForCausalLM, Qwen2Config, ttok, proxy_text, padded_vocab(len(ttok), 32),
+                                         seed + 1, "proxy", profile, device)
     save_model(proxy, ttok, os.path.join(out, "proxy"))
-    student, student_loss = train_base_model(LlamaForCausalLM, LlamaConfig, stok, [p["question"] for p in pool],
-                                             padded_vocab(len(stok), 16), seed + 2, "student")  # no solutions
+    student, student_loss = train_base_model(LlamaForCausalLM, LlamaConfig, stok, student_text,
+                                             padded_vocab(len(stok), 16), seed + 2, "student", profile, device)
     save_model(student, stok, os.path.join(out, "student"))
 
     manifest = {
         "seed": seed,
-        "rows": {"train": len(train), "test": len(test), "teacher_train": TEACHER_PROBLEMS,
-                 "teacher_val": TEACHER_VAL},
+        "profile": profile,
+        "rows": {"train": len(train), "test": len(test), "teacher_train": profile["teacher_problems"],
+                 "teacher_val": profile["teacher_val"]},
         "tokenizer_len": {"teacher": len(ttok), "student": len(stok)},
         "vocab_size": {"teacher": teacher.config.vocab_size, "proxy": proxy.config.vocab_size,
                        "student": student.config.vocab_size},
@@ -344,7 +416,10 @@ def build(out, seed):
         "teacher_test_accuracy": {"greedy": accuracy, "answer_forced": af_accuracy},
         "max_tokens": {"teacher_prompt": max(count_tokens(ttok, render_prompt(ttok, system_prompt, p["question"]))
                                              for p in test),
+                       "student_prompt": max(count_tokens(stok, render_prompt(stok, system_prompt, p["question"]))
+                                             for p in test),
                        "teacher_completion": max(count_tokens(ttok, c) for c in completions)},
+        "device": device.type,
         "build_seconds": round(time.time() - t0, 1),
     }
     with open(os.path.join(out, "manifest.json"), "w") as f:
@@ -355,6 +430,7 @@ def build(out, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (built atomically; skipped if complete)")
+    parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES), help="task and model sizes (default tiny)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, tokenizers and models (default 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT/.complete exists")
     args = parser.parse_args()
@@ -363,10 +439,11 @@ def main():
         print(f"{out} is already built; pass --force to rebuild")
         return
     torch.set_num_threads(min(os.cpu_count() or 1, 2))  # tiny matmuls: more threads only add sync overhead
+    torch.backends.cuda.matmul.allow_tf32 = True
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(out))  # same filesystem, so the rename is atomic
+    tmp = tempfile.mkdtemp(prefix=".assets-", dir=os.path.dirname(out))  # same filesystem: the rename is atomic
     try:
-        manifest = build(tmp, args.seed)
+        manifest = build(tmp, args.seed, PROFILES[args.profile])
         open(os.path.join(tmp, ".complete"), "w").close()
         if os.path.exists(out):
             shutil.rmtree(out)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on CPU, offline, in minutes: tiny models and data built locally by make_tiny.py,
+# The whole pipeline on CPU, offline, in minutes: tiny models and data built locally by make_assets.py,
 # two accelerate processes, the 3-row tiny grid, then the report.
 #
 #   EXP_DIR=$(mktemp -d) bash pipeline_tiny.sh
@@ -11,7 +11,7 @@ TINY=${TINY_ASSETS:-$EXP_DIR/assets}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # two processes on two cores
 
-python make_tiny.py --out "$TINY"
+python make_assets.py --out "$TINY"
 
 export TEACHER=$TINY/teacher PROXY=$TINY/proxy STUDENT=$TINY/student STUDENT_TOKENIZER=$TINY/student
 export DATASET=gsm8k GRID=tiny BATCH=64 ADS_BATCH=64

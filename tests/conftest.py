@@ -39,11 +39,11 @@ def proxy():
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
-    """The tiny teacher/proxy/student and GSM8K-schema data from make_tiny.py (built once)."""
+    """The tiny teacher/proxy/student and GSM8K-schema data from make_assets.py (built once)."""
     import subprocess
     if os.environ.get("TINY_ASSETS"):  # reuse a prebuilt copy while iterating on tests
         return Path(os.environ["TINY_ASSETS"])
     out = tmp_path_factory.mktemp("tiny") / "assets"
     repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(repo / "make_tiny.py"), "--out", str(out)], check=True)
+    subprocess.run([sys.executable, str(repo / "make_assets.py"), "--out", str(out)], check=True)
     return out

@@ -1,4 +1,4 @@
-"""Tiny assets from make_tiny.py: data schema, tokenizers, chat templates, a teacher that solves the test set."""
+"""Tiny assets from make_assets.py: data schema, tokenizers, chat templates, a teacher that solves the test set."""
 import json
 import os
 import re
@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import make_tiny  # noqa: E402
+import make_assets  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ann has 3 apples."}]
 
@@ -20,7 +20,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "assets"
-    subprocess.run([sys.executable, os.path.join(REPO, "make_tiny.py"), "--out", str(out)], check=True)
+    subprocess.run([sys.executable, os.path.join(REPO, "make_assets.py"), "--out", str(out)], check=True)
     return out
 
 
@@ -67,8 +67,8 @@ def test_train_and_test_questions_are_disjoint(assets):
 
 
 def test_same_seed_writes_identical_data(tmp_path):
-    make_tiny.make_data(str(tmp_path / "a"), seed=3)
-    make_tiny.make_data(str(tmp_path / "b"), seed=3)
+    make_assets.make_data(str(tmp_path / "a"), seed=3, profile=make_assets.PROFILES["tiny"])
+    make_assets.make_data(str(tmp_path / "b"), seed=3, profile=make_assets.PROFILES["tiny"])
     for split in ("train", "test"):
         path = os.path.join("data", "gsm8k", f"{split}.jsonl")
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
@@ -133,7 +133,7 @@ def teacher_runs(assets):
     """Greedy completion and answer-forced continuation for every test problem."""
     tok = AutoTokenizer.from_pretrained(assets / "teacher")
     model = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
-    system_prompt = make_tiny.load_system_prompt()
+    system_prompt = make_assets.load_system_prompt()
     runs = []
     for row in read_jsonl(assets / "data" / "gsm8k" / "test.jsonl"):
         prompt = tok.apply_chat_template([{"role": "system", "content": system_prompt},
@@ -141,13 +141,13 @@ def teacher_runs(assets):
                                          tokenize=False, add_generation_prompt=True)
         completion = greedy(model, tok, tok(prompt, add_special_tokens=False).input_ids, 64)
         closed = completion if "</think>" in completion else completion + "\n</think>"
-        forced_ids = tok(prompt + closed + make_tiny.FORCE, add_special_tokens=False).input_ids
+        forced_ids = tok(prompt + closed + make_assets.FORCE, add_special_tokens=False).input_ids
         runs.append((row["answer"].split("#### ")[-1], completion, greedy(model, tok, forced_ids, 32)))
     return runs
 
 
 def test_teacher_greedy_solves_most_test_problems(teacher_runs):
-    correct = [make_tiny.last_boxed(completion) == gold for gold, completion, _ in teacher_runs]
+    correct = [make_assets.last_boxed(completion) == gold for gold, completion, _ in teacher_runs]
     assert sum(correct) / len(correct) >= 0.8
 
 
@@ -157,7 +157,7 @@ def test_teacher_answers_correctly_when_forced(teacher_runs):
 
 
 def test_complete_build_is_not_rebuilt(assets):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "make_tiny.py"), "--out", str(assets)],
+    result = subprocess.run([sys.executable, os.path.join(REPO, "make_assets.py"), "--out", str(assets)],
                             check=True, capture_output=True, text=True)
     assert "already built" in result.stdout
     manifest = json.loads((assets / "manifest.json").read_text())
