@@ -1,13 +1,17 @@
 """Print the (tau, lam, eps) sweep, one row per line as `tau lam eps` in %.2e.
 
-Rows are shuffled with random.Random(42), so any shard or any prefix of the sweep mixes ADS and
-temperature rows; the order is the same on every machine. Edit GRIDS to change the sweep.
+A control row adds a fourth field naming its control (`permute`: the ADS penalty shuffled over the
+vocabulary at every step, the paper's check that the gradient signal matters). Rows are shuffled with
+random.Random(42), so any shard or any prefix of the sweep mixes the series; the order is the same on
+every machine. Edit GRIDS to change the sweep.
 
     python grid.py                                   # the paper's 59 rows
+    python grid.py --grid synth                      # the one-GPU reproduction: temperature, ADS, permuted ADS
     python grid.py --grid tiny --shard 1 --num-shards 4
 """
 import argparse
 import random
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,25 +28,43 @@ GRIDS = {
         "lam_over_eps": [5.0, 20.0],
         "eps": 1e-2,
     },
+    # pipeline_synth.sh: 6 temperature rows (tau 0.9 with lam 0, and five hotter), 7 ADS rows with lam
+    # over 2 decades (the scale that degrades a small model is not known in advance), and each ADS row
+    # again with its penalty permuted: 20 rows
+    "synth": {
+        "taus": [0.9, 1.25, 1.5, 2.0, 2.5, 3.0],
+        "lam_over_eps": [0, 1, 2, 4, 8, 16, 32, 64],
+        "eps": 1e-2,
+        "controls": ["permute"],
+    },
 }
 ADS_MAX_TAU = 1.0  # the paper pairs ADS with tau <= 1 and compares against hotter plain sampling
 SHUFFLE_SEED = 42  # the reference's seed; changing it reorders (and re-shards) every sweep
 
 
-def row_name(tau: float, lam: float, eps: float) -> str:
+class Row(NamedTuple):
+    tau: float
+    lam: float
+    eps: float
+    control: str = "none"  # none, or the gentraces.py ads_control that the row applies to its ADS penalty
+
+
+def row_name(tau: float, lam: float, eps: float, control: str = "none") -> str:
     """The name every stage uses for a grid row's traces, models and evals."""
-    return f"tau{tau:.2e}_lam{lam:.2e}_eps{eps:.2e}"
+    return f"tau{tau:.2e}_lam{lam:.2e}_eps{eps:.2e}" + ("" if control == "none" else f"_{control}")
 
 
-def grid_rows(name: str) -> list[tuple[float, float, float]]:
-    """All (tau, lam, eps) rows of grid `name`, shuffled with SHUFFLE_SEED."""
+def grid_rows(name: str) -> list[Row]:
+    """All rows of grid `name`, shuffled with SHUFFLE_SEED."""
     spec = GRIDS[name]
     rows = []
     for tau in spec["taus"]:
         if tau <= ADS_MAX_TAU:
-            rows += [(float(tau), float(b * spec["eps"]), float(spec["eps"])) for b in spec["lam_over_eps"]]
+            ads = [Row(float(tau), float(b * spec["eps"]), float(spec["eps"])) for b in spec["lam_over_eps"]]
+            rows += ads
+            rows += [row._replace(control=c) for c in spec.get("controls", []) for row in ads if row.lam > 0]
         else:
-            rows.append((float(tau), 0.0, 0.0))
+            rows.append(Row(float(tau), 0.0, 0.0))
     random.Random(SHUFFLE_SEED).shuffle(rows)
     return rows
 
@@ -72,7 +94,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     rows = shard_rows(grid_rows(args.grid), args.shard, args.num_shards)
     # One newline per row and nothing else: an empty shard prints nothing, never a blank line.
-    print("".join(f"{tau:.2e} {lam:.2e} {eps:.2e}\n" for tau, lam, eps in rows), end="")
+    print("".join(f"{r.tau:.2e} {r.lam:.2e} {r.eps:.2e}" + ("" if r.control == "none" else f" {r.control}") + "\n"
+                  for r in rows), end="")
 
 
 if __name__ == "__main__":

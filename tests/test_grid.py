@@ -26,8 +26,9 @@ def test_paper_grid_has_40_ads_rows_and_19_temperature_rows():
     assert len(rows) == 59
     ads = [r for r in rows if r[0] <= 1.0]
     temperature = [r for r in rows if r[0] > 1.0]
-    assert len(ads) == 40 and all(eps == 1e-2 for _, _, eps in ads)
-    assert len(temperature) == 19 and all(lam == eps == 0.0 for _, lam, eps in temperature)
+    assert len(ads) == 40 and all(r.eps == 1e-2 for r in ads)
+    assert len(temperature) == 19 and all(r.lam == r.eps == 0.0 for r in temperature)
+    assert all(r.control == "none" for r in rows)
     assert len(set(rows)) == 59
 
 
@@ -69,10 +70,23 @@ def test_paper_grid_is_shuffled_yet_deterministic():
 
 def test_tiny_grid_has_a_temperature_row_and_two_ads_rows():
     rows = grid.grid_rows("tiny")
-    assert sum(lam == eps == 0.0 for _, lam, eps in rows) >= 1
-    assert sum(lam > 0 and eps > 0 for _, lam, eps in rows) >= 2
+    assert sum(r.lam == r.eps == 0.0 for r in rows) >= 1
+    assert sum(r.lam > 0 and r.eps > 0 for r in rows) >= 2
 
 
 def test_row_name_uses_the_cli_formatting():
     assert grid.row_name(0.9, 0.05, 1e-2) == "tau9.00e-01_lam5.00e-02_eps1.00e-02"
     assert grid.row_name(1.5, 0.0, 0.0) == "tau1.50e+00_lam0.00e+00_eps0.00e+00"
+    assert grid.row_name(0.9, 0.05, 1e-2, "permute") == "tau9.00e-01_lam5.00e-02_eps1.00e-02_permute"
+
+
+def test_synth_grid_pairs_every_ads_row_with_a_permuted_control():
+    rows = grid.grid_rows("synth")
+    temperature = [r for r in rows if r.lam == 0]
+    ads = {r[:3] for r in rows if r.lam > 0 and r.control == "none"}
+    control = {r[:3] for r in rows if r.control == "permute"}
+    assert len(temperature) >= 6 and len(ads) >= 6 and ads == control and len(rows) == len(set(rows))
+    lines = cli_rows("--grid", "synth")
+    assert len(lines) == len(rows)
+    assert sorted(len(line.split(" ")) for line in lines) == [3] * (len(rows) - len(control)) + [4] * len(control)
+    assert all(line.split(" ")[3] == "permute" for line in lines if line.count(" ") == 3)
