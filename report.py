@@ -1,8 +1,14 @@
-"""Summarise a sweep: a markdown table and the teacher-vs-student accuracy trade-off plot.
+"""Summarise a sweep: a markdown table, the teacher-vs-student accuracy trade-off plot, and the gap.
 
 Reads EXP_DIR/metadata/trace_registry.jsonl (the last line of a name wins), pairs each grid row's
 `eval_teacher_{row}` and `eval_student_{row}` entries, and writes EXP_DIR/tradeoff.png, then
 EXP_DIR/report.md (the stage's sentinel, so it is written last and renamed into place).
+
+The gap is the mean over matched teacher accuracy of student(ADS) - student(temperature), each curve
+linearly interpolated through its rows, over the teacher-accuracy range both series cover; negative
+means ADS students are worse at equal teacher accuracy. Its 95% interval comes from a paired bootstrap
+over test problems (every eval grades the same problems, so each resample reweights all rows alike),
+read from the per-problem grades in EXP_DIR/traces/eval_*.parquet.
 
     python report.py --exp-dir exp/gsm8k
 """
@@ -13,6 +19,7 @@ import re
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no display on the nodes; must precede pyplot
 import matplotlib.pyplot as plt
@@ -20,8 +27,12 @@ import matplotlib.pyplot as plt
 # Row names are grid.row_name's `tau{:.2e}_lam{:.2e}_eps{:.2e}`; other names (train traces, holdout,
 # eval_teacher_base, eval_student_base) do not match.
 NUM = r"(-?\d\.\d+e[+-]\d+)"
-EVAL_NAME = re.compile(rf"^eval_(teacher|student)_tau{NUM}_lam{NUM}_eps{NUM}$")
-SERIES_STYLE = {"ADS": dict(marker="o", color="tab:red"), "temperature": dict(marker="s", color="tab:blue")}
+EVAL_NAME = re.compile(rf"^eval_(teacher|student)_tau{NUM}_lam{NUM}_eps{NUM}(?:_(permute))?$")
+PERMUTED = "ADS, permuted penalty"  # the control series: same score, penalty shuffled over the vocabulary
+SERIES_STYLE = {"ADS": dict(marker="o", color="tab:red"), PERMUTED: dict(marker="^", color="tab:gray"),
+                "temperature": dict(marker="s", color="tab:blue")}
+BOOTSTRAP = 2000         # resamples of the test problems
+BOOTSTRAP_SEED = 0
 
 
 def load_registry(path: Path) -> dict[str, dict]:
@@ -53,14 +64,16 @@ def collect_rows(entries: dict[str, dict]) -> list[dict]:
         match = EVAL_NAME.match(name)
         if match is None:
             continue
-        who = match.group(1)
-        tau, lam, eps = (float(v) for v in match.groups()[1:])
+        who, control = match.group(1), match.group(5)
+        tau, lam, eps = (float(v) for v in match.groups()[1:4])
         # lam = 0 samples with temperature alone (no proxy), whatever eps says.
-        series = "ADS" if lam > 0 else "temperature"
-        row = rows.setdefault((tau, lam, eps), dict(series=series, tau=tau, lam=lam, eps=eps,
-                                                    teacher=None, student=None))
+        series = "temperature" if lam == 0 else PERMUTED if control else "ADS"
+        name = name.split("_", 2)[2]
+        row = rows.setdefault(name, dict(series=series, name=name, tau=tau, lam=lam, eps=eps,
+                                         teacher=None, student=None))
         row[who] = entry
-    return sorted(rows.values(), key=lambda r: (r["series"], r["tau"], r["lam"]))
+    order = list(SERIES_STYLE)
+    return sorted(rows.values(), key=lambda r: (order.index(r["series"]), r["tau"], r["lam"]))
 
 
 def accuracy(entry: dict | None, key: str) -> float | None:
@@ -80,7 +93,93 @@ def summary_line(label: str, entry: dict) -> str:
     return f"{label}: af {af}%, raw {raw}% (n={entry.get('n', '-')})"
 
 
-def write_table(rows: list[dict], entries: dict[str, dict], path: Path) -> None:
+def curve_gap(a: list[tuple], b: list[tuple], points: int = 101) -> float | None:
+    """Mean of y_a(x) - y_b(x) over the x range both curves cover; each curve is linear through its
+    (x, y) points, rows at equal x averaged. None when a curve has < 2 points or the ranges miss."""
+    curves = []
+    for pts in (a, b):
+        xs = sorted({x for x, _ in pts})
+        if len(xs) < 2:
+            return None
+        curves.append((np.array(xs), np.array([np.mean([y for x2, y in pts if x2 == x]) for x in xs])))
+    lo, hi = max(c[0][0] for c in curves), min(c[0][-1] for c in curves)
+    if lo >= hi:
+        return None
+    grid = np.linspace(lo, hi, points)
+    return float(np.mean(np.interp(grid, *curves[0]) - np.interp(grid, *curves[1])))
+
+
+def series_points(rows: list[dict], series: str, teacher_acc, student_acc) -> list[tuple]:
+    return [(teacher_acc[r["name"]], student_acc[r["name"]]) for r in rows
+            if r["series"] == series and r["name"] in teacher_acc and r["name"] in student_acc]
+
+
+def per_problem_grades(exp_dir: Path, rows: list[dict]):
+    """(row names, teacher grades, student grades) as 0/1 arrays over the test problems that every
+    complete row graded, in idx order; None when a parquet file is missing."""
+    import pyarrow.parquet as pq
+    grades = {}
+    for r in rows:
+        if r["teacher"] is None or r["student"] is None:
+            continue
+        pair = []
+        for who in ("teacher", "student"):
+            path = exp_dir / "traces" / f"eval_{who}_{r['name']}.parquet"
+            if not path.is_file():
+                return None
+            table = pq.read_table(path, columns=["idx", "af_correct"]).to_pydict()
+            pair.append(dict(zip(table["idx"], table["af_correct"])))
+        grades[r["name"]] = pair
+    if not grades:
+        return None
+    common = sorted(set.intersection(*(set(d) for pair in grades.values() for d in pair)))
+    names = sorted(grades)
+    teacher = np.array([[grades[n][0][i] for i in common] for n in names], dtype=float)
+    student = np.array([[grades[n][1][i] for i in common] for n in names], dtype=float)
+    return names, teacher, student
+
+
+def gap_summary(rows: list[dict], exp_dir: Path) -> list[dict]:
+    """The interpolated student-accuracy gaps (percent points) at matched teacher accuracy, with
+    paired-bootstrap 95% intervals where per-problem grades are on disk."""
+    done = [r for r in rows if accuracy(r["teacher"], "af_accuracy") is not None
+            and accuracy(r["student"], "af_accuracy") is not None]
+    teacher_acc = {r["name"]: accuracy(r["teacher"], "af_accuracy") for r in done}
+    student_acc = {r["name"]: accuracy(r["student"], "af_accuracy") for r in done}
+    pairs = [("ADS", "temperature"), (PERMUTED, "temperature"), ("ADS", PERMUTED)]
+    out = []
+    graded = per_problem_grades(exp_dir, done)
+    if graded is not None:
+        names, teacher, student = graded
+        rng = np.random.default_rng(BOOTSTRAP_SEED)
+        n = teacher.shape[1]
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=BOOTSTRAP) / n   # (B, problems)
+        boot_t, boot_s = 100 * weights @ teacher.T, 100 * weights @ student.T   # (B, rows)
+    for a, b in pairs:
+        gap = curve_gap(series_points(done, a, teacher_acc, student_acc),
+                        series_points(done, b, teacher_acc, student_acc))
+        if gap is None:
+            continue
+        item = dict(a=a, b=b, gap=gap, low=None, high=None)
+        if graded is not None:
+            samples = []
+            for bt, bs in zip(boot_t, boot_s):
+                t, s_ = dict(zip(names, bt)), dict(zip(names, bs))
+                g = curve_gap(series_points(done, a, t, s_), series_points(done, b, t, s_))
+                if g is not None:
+                    samples.append(g)
+            if len(samples) >= BOOTSTRAP // 2:
+                item["low"], item["high"] = (float(v) for v in np.percentile(samples, [2.5, 97.5]))
+        out.append(item)
+    return out
+
+
+def gap_line(g: dict) -> str:
+    ci = "" if g["low"] is None else f" (95% bootstrap CI {g['low']:+.1f} to {g['high']:+.1f})"
+    return f"- student({g['a']}) - student({g['b']}) at matched teacher accuracy: {g['gap']:+.1f} points{ci}"
+
+
+def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: list[dict] = ()) -> None:
     """Write the markdown report to a temporary name, then rename it to `path`."""
     lines = [
         "# Antidistillation sampling: sweep report",
@@ -104,30 +203,40 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path) -> None:
         lines += ["", summary_line("Teacher greedy on test", entries["eval_teacher_base"])]
     if "eval_student_base" in entries:
         lines += ["", summary_line("Undistilled student on test", entries["eval_student_base"])]
+    if gaps:
+        lines += ["", "Student-accuracy gap (af, percent points), curves interpolated over the teacher accuracy "
+                  "both series reach:", ""] + [gap_line(g) for g in gaps]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
 
 
-def plot_tradeoff(rows: list[dict], base: dict | None, path: Path) -> None:
-    """Scatter teacher af accuracy (x) against student af accuracy (y), one series per sampler."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+def plot_tradeoff(rows: list[dict], entries: dict[str, dict], path: Path, gaps: list[dict] = ()) -> None:
+    """Teacher af accuracy (x) against student af accuracy (y), one line per sampler through its rows."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
     for series, style in SERIES_STYLE.items():
         points = [(accuracy(r["teacher"], "af_accuracy"), accuracy(r["student"], "af_accuracy"))
                   for r in rows if r["series"] == series]
-        points = [(x, y) for x, y in points if x is not None and y is not None]
+        points = sorted((x, y) for x, y in points if x is not None and y is not None)
+        if not points and series == PERMUTED:
+            continue  # sweeps without the control do not mention it
         # An empty series still gets its legend entry, so the legend always names both samplers.
-        ax.scatter([x for x, _ in points], [y for _, y in points],
-                   label=f"{series} ({len(points)} rows)", **style)
+        ax.plot([x for x, _ in points], [y for _, y in points], linestyle="-", alpha=0.8,
+                label=f"{series} ({len(points)} rows)", **style)
+    base, greedy = entries.get("eval_student_base"), entries.get("eval_teacher_base")
     if accuracy(base, "af_accuracy") is not None:
-        ax.axhline(accuracy(base, "af_accuracy"), color="gray", linestyle="--", label="undistilled student")
+        ax.axhline(accuracy(base, "af_accuracy"), color="black", linestyle="--", label="undistilled student")
+    if accuracy(greedy, "af_accuracy") is not None:
+        ax.axvline(accuracy(greedy, "af_accuracy"), color="black", linestyle=":", label="teacher, greedy")
     ax.set_xlabel("teacher accuracy, answer-forced (%)")
     ax.set_ylabel("distilled student accuracy, answer-forced (%)")
-    ax.set_title("Teacher vs distilled-student accuracy")
+    main_gap = next((g for g in gaps if (g["a"], g["b"]) == ("ADS", "temperature")), None)
+    ax.set_title("Teacher vs distilled-student accuracy" + ("" if main_gap is None else
+                 f"\nADS - temperature at matched teacher accuracy: {main_gap['gap']:+.1f} points"), fontsize=10)
     ax.set_xlim(-2, 102)  # fixed 0-100% axes keep plots of different sweeps comparable
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=150)
@@ -141,8 +250,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     entries = load_registry(args.exp_dir / "metadata" / "trace_registry.jsonl")
     rows = collect_rows(entries)
-    plot_tradeoff(rows, entries.get("eval_student_base"), args.exp_dir / "tradeoff.png")
-    write_table(rows, entries, args.exp_dir / "report.md")
+    gaps = gap_summary(rows, args.exp_dir)
+    plot_tradeoff(rows, entries, args.exp_dir / "tradeoff.png", gaps)
+    write_table(rows, entries, args.exp_dir / "report.md", gaps)
     print(f"report.py: {len(rows)} grid rows -> {args.exp_dir}/report.md, {args.exp_dir}/tradeoff.png")
 
 

@@ -93,3 +93,57 @@ def test_missing_registry_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="registry not found"):
         report.main(["--exp-dir", str(tmp_path)])
     assert not (tmp_path / "report.md").exists()
+
+
+def test_curve_gap_is_the_mean_difference_over_the_shared_teacher_range():
+    ads = [(20.0, 10.0), (80.0, 40.0)]
+    temperature = [(0.0, 30.0), (100.0, 80.0), (100.0, 80.0)]
+    assert report.curve_gap(ads, temperature) == pytest.approx(-30.0)  # parallel lines 30 points apart on [20, 80]
+    assert report.curve_gap(temperature, ads) == pytest.approx(30.0)
+    assert report.curve_gap(ads, [(90.0, 1.0), (95.0, 2.0)]) is None  # no shared teacher accuracy
+    assert report.curve_gap(ads, [(50.0, 1.0)]) is None
+
+
+def write_graded_row(exp_dir, name, teacher, student, tau, lam, eps):
+    """Registry entries and per-problem parquet grades for one grid row (lists of 0/1 by idx)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (exp_dir / "traces").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for who, grades, (t, l, e) in (("teacher", teacher, (tau, lam, eps)), ("student", student, (0, 0, 0))):
+        pq.write_table(pa.table({"idx": list(range(len(grades))), "af_correct": [bool(g) for g in grades]}),
+                       exp_dir / "traces" / f"eval_{who}_{name}.parquet")
+        acc = sum(grades) / len(grades)
+        lines.append(json.dumps(entry(f"eval_{who}_{name}", acc, acc, n=len(grades), tau=t, lam=l, eps=e)))
+    return lines
+
+
+def test_report_gives_the_ads_gap_with_a_bootstrap_interval_and_the_permutation_control(tmp_path):
+    import random
+    rng = random.Random(0)
+    n = 400
+
+    def grades(p):
+        return [int(rng.random() < p) for _ in range(n)]
+
+    lines = []
+    # temperature: the student keeps 60% of the teacher's accuracy; ADS only 20%; permuted ADS 55%
+    for name, t, ratio, tau, lam in [("tau1.00e+00_lam0.00e+00_eps0.00e+00", 0.9, 0.6, 1.0, 0.0),
+                                     ("tau2.00e+00_lam0.00e+00_eps0.00e+00", 0.5, 0.6, 2.0, 0.0),
+                                     ("tau9.00e-01_lam1.00e-02_eps1.00e-02", 0.85, 0.2, 0.9, 0.01),
+                                     ("tau9.00e-01_lam1.00e-01_eps1.00e-02", 0.45, 0.2, 0.9, 0.1),
+                                     ("tau9.00e-01_lam1.00e-02_eps1.00e-02_permute", 0.88, 0.55, 0.9, 0.01),
+                                     ("tau9.00e-01_lam1.00e-01_eps1.00e-02_permute", 0.4, 0.55, 0.9, 0.1)]:
+        lines += write_graded_row(tmp_path, name, grades(t), grades(t * ratio), tau, lam, 0.01 if lam else 0.0)
+    write_registry(tmp_path, lines)
+    report.main(["--exp-dir", str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    gaps = {m[0]: (float(m[1]), float(m[2]), float(m[3])) for m in re.findall(
+        r"student\((.+?)\) - student\(.+?\) at matched teacher accuracy: ([+-][\d.]+) points "
+        r"\(95% bootstrap CI ([+-][\d.]+) to ([+-][\d.]+)\)", text)}
+    ads, low, high = gaps["ADS"]
+    assert -35 < ads < -20 and low < ads < high and high < -10 and high - low < 20  # true gap: -0.4 x ~63 points
+    permuted, p_low, p_high = gaps["ADS, permuted penalty"]
+    assert p_low < permuted < p_high and abs(permuted) < 10
+    rows = table_rows(text)
+    assert [r[0] for r in rows].count("ADS, permuted penalty") == 2
