@@ -5,7 +5,7 @@
 #
 #   bash pipeline.sh                                    # GSM8K, paper models, one 8-GPU node
 #   EXP_DIR=exp/gsm8k SHARD=0 NUM_SHARDS=4 bash pipeline.sh   # a quarter of the grid (one node of four)
-#   bash pipeline_math.sh | bash pipeline_mmlu.sh | bash pipeline_tiny.sh   # wrappers setting the variables below
+#   bash pipeline_math.sh | bash pipeline_mmlu.sh | bash pipeline_tiny.sh | bash pipeline_synth.sh   # wrappers
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,6 +18,7 @@ STUDENT_TOKENIZER=${STUDENT_TOKENIZER:-meta-llama/Llama-3.2-3B-Instruct}   # the
 GRID=${GRID:-paper}                           # a grid name from grid.py
 SHARD=${SHARD:-0}
 NUM_SHARDS=${NUM_SHARDS:-1}
+PARALLEL=${PARALLEL:-1}                       # grid rows run at once on this machine (small models share a GPU)
 BATCH=${BATCH:-512}                           # decode slots per process without ADS
 ADS_BATCH=${ADS_BATCH:-192}                   # with ADS three models share the GPU
 HOLDOUT_MAX_SAMPLES=${HOLDOUT_MAX_SAMPLES:-null}
@@ -26,15 +27,19 @@ LAUNCH=${LAUNCH:-accelerate launch --config_file acc_config.yaml}
 read -ra GEN_EXTRA <<<"${GEN_ARGS:-}"        # extra key=value overrides for every gentraces.py run
 read -ra GRAD_EXTRA <<<"${GRAD_ARGS:-}"
 read -ra TRAIN_EXTRA <<<"${TRAIN_ARGS:-}"
-# a free rendezvous port per pipeline, so two pipelines can share a machine
-PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
-read -ra LAUNCHER <<<"$LAUNCH --main_process_port $PORT"
+read -ra LAUNCHER <<<"$LAUNCH"
 
 TRACES=$EXP_DIR/traces
 GRADS=$EXP_DIR/student_grads.safetensors
 mkdir -p "$TRACES" "$EXP_DIR/models" "$EXP_DIR/logs"
 
-gentraces() { "${LAUNCHER[@]}" gentraces.py exp_dir="$EXP_DIR" "${GEN_EXTRA[@]}" "$@"; }
+# a free rendezvous port per launch, so pipelines and parallel rows can share a machine
+launch() {
+    local port
+    port=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+    "${LAUNCHER[@]}" --main_process_port "$port" "$@"
+}
+gentraces() { launch gentraces.py exp_dir="$EXP_DIR" "${GEN_EXTRA[@]}" "$@"; }
 stage() { echo "== $(date +%H:%M:%S) $*" >&2; }
 
 # 1. holdout traces: the teacher, greedy, on the holdout split
@@ -47,13 +52,18 @@ fi
 # 2. proxy gradient g of the proxy's completion loss on the holdout traces
 if [[ ! -f $GRADS ]]; then
     stage "proxy gradient"
-    "${LAUNCHER[@]}" save_grad.py proxy="$PROXY" traces="$TRACES/holdout" out="$GRADS" "${GRAD_EXTRA[@]}"
+    launch save_grad.py proxy="$PROXY" traces="$TRACES/holdout" out="$GRADS" "${GRAD_EXTRA[@]}"
 fi
 
-# 3-6. one grid row: tau lam eps, names use %.2e; lam = 0 is plain temperature sampling
-while read -r TAU LAM EPS; do
+# 3-6. one grid row: tau lam eps [control], names use %.2e; lam = 0 is plain temperature sampling
+run_row() {
+    local TAU=$1 LAM=$2 EPS=$3 CONTROL=${4:-none} NAME ROW ROW_BATCH MODEL_DIR
     NAME=tau${TAU}_lam${LAM}_eps${EPS}
     ROW=(tau="$TAU" lam="$LAM" eps="$EPS" grad_path="$GRADS")
+    if [[ $CONTROL != none ]]; then
+        NAME=${NAME}_$CONTROL
+        ROW+=(ads_control="$CONTROL")
+    fi
     ROW_BATCH=$BATCH
     [[ $LAM == 0.00e+00 ]] || ROW_BATCH=$ADS_BATCH
     MODEL_DIR=$EXP_DIR/models/student_$NAME
@@ -65,7 +75,7 @@ while read -r TAU LAM EPS; do
     fi
     if [[ ! -d $MODEL_DIR/final ]]; then
         stage "$NAME: distill"
-        "${LAUNCHER[@]}" distill.py student="$STUDENT" student_tokenizer="$STUDENT_TOKENIZER" \
+        launch distill.py student="$STUDENT" student_tokenizer="$STUDENT_TOKENIZER" \
             train_traces="$TRACES/$NAME" eval_traces="$TRACES/holdout" output_dir="$MODEL_DIR" "${TRAIN_EXTRA[@]}"
     fi
     if [[ ! -d $TRACES/eval_student_$NAME ]]; then
@@ -78,7 +88,30 @@ while read -r TAU LAM EPS; do
         gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_test" "${ROW[@]}" \
             max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="eval_teacher_$NAME"
     fi
-done < <(python grid.py --grid "$GRID" --shard "$SHARD" --num-shards "$NUM_SHARDS")
+}
+
+# rows are dealt round-robin to PARALLEL loops; a failed row stops its loop and fails the pipeline
+# once the other loops are done (their finished rows are kept, so a rerun does only what is left)
+mapfile -t ROWS < <(python grid.py --grid "$GRID" --shard "$SHARD" --num-shards "$NUM_SHARDS")
+row_loop() {
+    local i fields
+    for ((i = $1; i < ${#ROWS[@]}; i += PARALLEL)); do
+        read -ra fields <<<"${ROWS[i]}"
+        run_row "${fields[@]}"
+    done
+}
+if ((PARALLEL == 1)); then
+    row_loop 0
+else
+    PIDS=()
+    for ((j = 0; j < PARALLEL; j++)); do
+        row_loop "$j" > >(sed -u "s/^/[rows $j] /") 2>&1 &
+        PIDS+=($!)
+    done
+    FAILED=0
+    for pid in "${PIDS[@]}"; do wait "$pid" || FAILED=1; done
+    ((FAILED == 0)) || { echo "pipeline: a grid row failed; see the [rows N] lines above" >&2; exit 1; }
+fi
 
 # references: the teacher greedy on the test split, and the undistilled student (the plot's baseline)
 if [[ ! -d $TRACES/eval_teacher_base ]]; then
