@@ -15,11 +15,70 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from accelerate import PartialState
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from utils import die, load_config, load_model, load_tokenizer, load_traces, log, run_cli, tokenize_traces
+from utils import (die, load_config, load_model, load_tokenizer, load_traces, log, run_cli, same_tokenizer,
+                   tokenize_traces)
+
+
+def check_config(cfg):
+    """Refuse bad values before a model is loaded or a file written (unchecked, batch_size=0 fails
+    after the model load, a negative batch_size saves g = 0, max_length < 0 cuts every sequence from
+    the end, and an unwritable out fails after the whole backward pass)."""
+    for key in ("proxy", "traces", "out"):
+        if not getattr(cfg, key):
+            die(f"{key} is required")
+    for key in ("batch_size", "max_length"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            die(f"{key} must be a positive integer, got {value!r}")
+    out = Path(cfg.out)
+    if out.is_dir():
+        die(f"out={out} is a directory; give the path of the .safetensors file to write")
+    existing = out.parent
+    while not existing.exists():  # the nearest ancestor that exists decides whether out can be made
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        die(f"cannot write out={out}: {existing} is not a writable directory")
+
+
+def proxy_tokenizer(cfg):
+    """The proxy's tokenizer, or one line saying why it cannot be had (not a traceback)."""
+    path = str(cfg.proxy)
+    hub_id = not path.startswith(("/", ".", "~")) and path.count("/") == 1
+    if not Path(path).exists() and not hub_id:
+        die(f"proxy {path} does not exist (give a local model directory or a Hub id such as Qwen/Qwen2.5-3B)")
+    try:
+        return load_tokenizer(path, cfg.trust_remote_code)
+    except OSError as e:
+        die(f"cannot load the proxy tokenizer from {path} ({str(e).splitlines()[0]})")
+
+
+def check_traces_tokenizer(cfg, tokenizer):
+    """ADS adds proxy log-probs to the teacher's token by token, so g is only usable for a proxy with
+    the teacher's tokenizer (gentraces.py refuses any other pair). The traces' yaml sidecar names the
+    model whose tokenizer wrote them; a mismatch is refused now rather than after the backward pass.
+    Traces without a sidecar, or whose model cannot be loaded here, are not checked."""
+    sidecar = Path(cfg.traces).parent / f"{Path(cfg.traces).name}.yaml"
+    if not sidecar.is_file():
+        return
+    gen = (yaml.safe_load(sidecar.read_text()) or {}).get("config") or {}
+    source = gen.get("tokenizer") or gen.get("teacher")
+    if not source:
+        return
+    try:
+        source_tok = load_tokenizer(str(source), cfg.trust_remote_code)
+    except OSError:
+        log(f"cannot load {source} (named by {sidecar}) to check that it shares the proxy's tokenizer",
+            os.environ.get("RANK", "0") == "0")
+        return
+    if not same_tokenizer(source_tok, tokenizer):
+        die(f"proxy {cfg.proxy} and {source}, whose tokenizer wrote {cfg.traces}, have different tokenizers; "
+            f"ADS needs the proxy to share the teacher's token ids")
+
 
 def shard(examples, rank, world):
     """Longest first (less padding per batch, and an out-of-memory shows at once), every world-th."""
@@ -90,16 +149,18 @@ def save_gradient(model, stats, cfg, n_sequences, n_dropped, world):
 
 def main(argv):
     cfg = load_config("grad_config.yaml", argv)
+    check_config(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
     main_process, world = state.is_main_process, state.num_processes
     ds = load_traces(cfg.traces)
-    tokenizer = load_tokenizer(cfg.proxy, cfg.trust_remote_code)
+    tokenizer = proxy_tokenizer(cfg)
+    check_traces_tokenizer(cfg, tokenizer)
     examples, dropped = tokenize_traces(ds, tokenizer, cfg.max_length)
+    if not examples:
+        die(f"no trace in {cfg.traces} keeps a completion token within max_length={cfg.max_length}")
     if dropped:
         log(f"dropped {len(dropped)} traces with no completion token within max_length={cfg.max_length} "
             f"(idx {dropped[:10]}{' ...' if len(dropped) > 10 else ''})", main_process)
-    if not examples:
-        die(f"no trace in {cfg.traces} keeps a completion token within max_length={cfg.max_length}")
 
     model = load_model(cfg.proxy, torch.float32, state.device, cfg.attn_implementation, cfg.trust_remote_code)
     model.requires_grad_(True)

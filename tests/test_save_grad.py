@@ -2,10 +2,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -134,3 +136,66 @@ def test_traces_without_required_columns_or_rows_are_rejected(assets, tmp_path):
     empty.save_to_disk(str(tmp_path / "empty"), num_shards=1)
     with pytest.raises(ConfigError, match="is empty"):
         save_grad.load_traces(tmp_path / "empty")
+
+
+# Bad input: one line `error: ...` on stderr, exit status 2, no traceback, nothing written. The proxy
+# given is a directory holding only the tokenizer, so a check that came after the model load would
+# end in a traceback instead and fail the test.
+
+@pytest.fixture(scope="module")
+def tokenizer_only(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grad_bad")
+    teacher_tok = tf.make_tokenizer(tf.TEACHER)
+    teacher_tok.save_pretrained(root / "proxy")
+    tf.make_tokenizer(tf.STUDENT).save_pretrained(root / "other_tokenizer")
+    tf.save_traces(root / "holdout", tf.trace_rows(teacher_tok, 4))
+    return root
+
+
+def traces_from(teacher_dir):
+    """Traces whose yaml sidecar (as gentraces.py writes it) names the model that generated them."""
+    def make(root, tmp_path):
+        traces = tf.save_traces(tmp_path / "holdout", tf.trace_rows(tf.make_tokenizer(tf.TEACHER), 4))
+        (tmp_path / "holdout.yaml").write_text(yaml.safe_dump({"config": {"teacher": str(root / teacher_dir),
+                                                                            "tokenizer": None}}))
+        return {"traces": traces}
+    return make
+
+
+def under_a_file(root, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    return {"out": tmp_path / "a_file" / "sub" / "g.safetensors"}
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"batch_sise": 4}, "unknown config key 'batch_sise' (did you mean 'batch_size'?)"),
+    (lambda root, tmp_path: {"proxy": tmp_path / "no_such_proxy"}, "no_such_proxy does not exist"),
+    (traces_from("other_tokenizer"), "have different tokenizers"),
+    (under_a_file, "a_file is not a writable directory"),
+    (lambda root, tmp_path: {"out": tmp_path}, "is a directory"),
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"batch_size": -2}, "batch_size must be a positive integer, got -2"),
+    ({"max_length": 0}, "max_length must be a positive integer, got 0"),
+    ({"max_length": 8}, "keeps a completion token within max_length=8"),
+], ids=["unknown_key", "missing_proxy", "other_tokenizer", "out_under_a_file", "out_is_a_dir", "batch_size_0",
+        "batch_size_negative", "max_length_0", "max_length_below_every_prompt"])
+def test_bad_input_is_one_error_line_and_writes_nothing(bad, message, tokenizer_only, tmp_path):
+    args = {"proxy": tokenizer_only / "proxy", "traces": tokenizer_only / "holdout",
+            "out": tmp_path / "new_dir" / "g.safetensors", "max_length": MAX_LENGTH}
+    args.update(bad(tokenizer_only, tmp_path) if callable(bad) else bad)
+    before = sorted(tmp_path.rglob("*"))
+    res = run_cli(*(f"{k}={v}" for k, v in args.items()))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.strip().startswith("error: ") and res.stderr.strip().count("\n") == 0, res.stderr[-3000:]
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # no output file, temporary file or directory
+
+
+def test_traces_from_the_proxys_own_tokenizer_pass_the_check(tokenizer_only, tmp_path):
+    """The tokenizer check must not refuse the normal case (so a failure above is the mismatch)."""
+    args = traces_from("proxy")(tokenizer_only, tmp_path)
+    tok = load_tokenizer(str(tokenizer_only / "proxy"))
+    save_grad.check_traces_tokenizer(SimpleNamespace(traces=args["traces"], proxy="p", trust_remote_code=False), tok)
+    with pytest.raises(ConfigError, match="have different tokenizers"):
+        save_grad.check_traces_tokenizer(SimpleNamespace(traces=args["traces"], proxy="p", trust_remote_code=False),
+                                         tf.make_tokenizer(tf.STUDENT))
