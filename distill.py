@@ -15,21 +15,43 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
 
 from utils import (atomic_publish_dir, atomic_write_text, die, load_config, load_model, load_tokenizer,
                    load_traces, log, run_cli, seed_everything, to_yaml, tokenize_traces, torch_dtype)
 
 
-def check_config(cfg):
+def require_positive(cfg, key, integer=False):
+    value = getattr(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
+        die(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def check_config(cfg, world):
+    """Refuse bad values before a model is loaded or a file written (unchecked, lora_r=0 fails after
+    the model load; learning_rate <= 0, lora_alpha=0 or epochs=0 publish an untrained or anti-trained
+    student as final/; and a global batch the processes cannot split would have to become another one,
+    changing the experiment with the GPU count)."""
     for key in ("train_traces", "output_dir"):
         if not getattr(cfg, key):
             die(f"{key} is required (e.g. {key}=exp/...)")
+    if isinstance(cfg.lora_r, bool) or not isinstance(cfg.lora_r, int) or cfg.lora_r < 0:
+        die(f"lora_r must be a positive integer, or 0 for full fine-tuning, got {cfg.lora_r!r}")
+    for key in ("max_length", "global_batch_size", "per_device_batch_size"):
+        require_positive(cfg, key, integer=True)
+    for key in ("lora_alpha", "learning_rate", "epochs"):
+        require_positive(cfg, key)
+    if cfg.max_steps is not None:
+        require_positive(cfg, "max_steps", integer=True)
     if not 0 <= cfg.warmup_ratio < 1:
         die(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.eval_every <= 0:
         die(f"eval_every must be a positive fraction of an epoch, got {cfg.eval_every}")
+    per_pass = cfg.per_device_batch_size * world  # sequences per forward pass over all processes
+    if cfg.global_batch_size % per_pass:
+        rounded_up = -(-cfg.global_batch_size // per_pass) * per_pass
+        die(f"global_batch_size={cfg.global_batch_size} is not a multiple of per_device_batch_size="
+            f"{cfg.per_device_batch_size} x {world} processes = {per_pass}; set e.g. "
+            f"global_batch_size={rounded_up} or a smaller per_device_batch_size")
 
 
 def build_examples(path, tokenizer, max_length, max_samples=None):
@@ -59,28 +81,30 @@ def collate(batch, pad_id):
 
 
 def student_with_lora(cfg, device):
+    from peft import LoraConfig, get_peft_model
     model = load_model(cfg.student, torch_dtype(cfg.dtype, device), device, cfg.attn_implementation,
                        cfg.trust_remote_code)
     if cfg.gradient_checkpointing:  # non-reentrant: the frozen embeddings' outputs need no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r == 0:  # full fine-tuning
+        return model
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
 def schedule(cfg, n_train, world):
-    """(gradient accumulation steps, optimizer steps per epoch, eval/checkpoint interval in steps)."""
+    """(gradient accumulation steps, optimizer steps per epoch, eval/checkpoint interval in steps);
+    check_config made global_batch_size a multiple of per_device_batch_size x world."""
     per_pass = cfg.per_device_batch_size * world
-    accum = max(1, round(cfg.global_batch_size / per_pass))
-    if accum * per_pass != cfg.global_batch_size:
-        log(f"global_batch_size={cfg.global_batch_size} is not a multiple of per_device_batch_size x "
-            f"{world} processes; using {accum * per_pass}", os.environ.get("RANK", "0") == "0")
+    accum = cfg.global_batch_size // per_pass
     batches_per_epoch = math.ceil(n_train / per_pass)  # per process, as Trainer's sharded loader counts
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     return accum, steps_per_epoch, max(1, round(cfg.eval_every * steps_per_epoch))
 
 
 def training_args(cfg, accum, eval_steps, has_eval, dtype):
+    from transformers import TrainingArguments
     return TrainingArguments(
         output_dir=str(Path(cfg.output_dir) / "checkpoints"),
         per_device_train_batch_size=cfg.per_device_batch_size,
@@ -116,8 +140,8 @@ def latest_checkpoint(checkpoints):
 
 
 def save_final(model, tokenizer, output_dir):
-    """Merge the LoRA into the base weights and publish output_dir/final in one rename."""
-    merged = model.merge_and_unload()
+    """Merge the LoRA into the base weights (if any) and publish output_dir/final in one rename."""
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     # the student learned to stop with its tokenizer's EOS (<|eot_id|> for Llama 3 Instruct), which
     # the base model's generation config may not list
     gen = merged.generation_config
@@ -150,9 +174,9 @@ def summary(cfg, trainer, result, resumed_from, counts):
 
 def main(argv):
     cfg = load_config("train_config.yaml", argv)
-    check_config(cfg)
-    seed_everything(cfg.seed)
     world = int(os.environ.get("WORLD_SIZE", 1))
+    check_config(cfg, world)
+    seed_everything(cfg.seed)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student, cfg.trust_remote_code)
@@ -160,6 +184,7 @@ def main(argv):
     evals, dropped_eval = build_examples(cfg.eval_traces, tokenizer, cfg.max_length) if cfg.eval_traces \
         else (None, 0)
 
+    from transformers import Trainer  # imported here: a bad config fails in a second, not ten
     model = student_with_lora(cfg, device)
     accum, steps_per_epoch, eval_steps = schedule(cfg, len(train), world)
     args = training_args(cfg, accum, eval_steps, evals is not None, torch_dtype(cfg.dtype, device))

@@ -1,4 +1,8 @@
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import distill
 import trace_fixtures as tf
 from utils import ConfigError, load_tokenizer, render_generation_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +100,55 @@ def test_missing_or_empty_traces_are_one_line_errors(assets, tmp_path):
             distill.build_examples(tmp_path / f"empty{shards}", tok, 256)
     with pytest.raises(ConfigError, match="train_traces is required"):
         distill.main(["output_dir=x"])
+
+
+# Bad input: one line `error: ...` on stderr, exit status 2, no traceback, nothing written. The
+# student given is a directory holding only its tokenizer, so a check that came after the model load
+# would end in a traceback instead and fail the test.
+
+@pytest.fixture(scope="module")
+def tokenizer_only(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill_bad")
+    tf.make_tokenizer(tf.STUDENT).save_pretrained(root / "student")
+    teacher_tok = tf.make_tokenizer(tf.TEACHER)
+    tf.save_traces(root / "train", tf.trace_rows(teacher_tok, 8, seed=1))
+    tf.save_traces(root / "holdout", tf.trace_rows(teacher_tok, 4, seed=2))
+    return root
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"lora_rank": 8}, "unknown config key 'lora_rank' (did you mean 'lora_r'?)"),
+    ({"lora_r": -1}, "lora_r must be a positive integer, or 0 for full fine-tuning, got -1"),
+    ({"lora_alpha": 0}, "lora_alpha must be a positive number, got 0"),
+    ({"learning_rate": 0}, "learning_rate must be a positive number, got 0"),
+    ({"learning_rate": -5e-4}, "learning_rate must be a positive number, got -0.0005"),
+    ({"epochs": 0}, "epochs must be a positive number, got 0"),
+    ({"global_batch_size": 5}, "global_batch_size=5 is not a multiple of per_device_batch_size=2 x 1 processes"),
+    ({"max_length": 8}, "keeps a completion token within max_length=8"),
+    (lambda tmp_path: {"eval_traces": tmp_path / "missing_holdout"}, "missing_holdout does not exist"),
+], ids=["unknown_key", "lora_r_negative", "lora_alpha_0", "learning_rate_0", "learning_rate_negative", "epochs_0",
+        "batch_not_divisible", "max_length_below_every_prompt", "missing_eval_traces"])
+def test_bad_input_is_one_error_line_and_writes_nothing(bad, message, tokenizer_only, tmp_path):
+    args = {"student": tokenizer_only / "student", "student_tokenizer": None, "train_traces": tokenizer_only / "train",
+            "eval_traces": tokenizer_only / "holdout", "output_dir": tmp_path / "out", "max_length": 256,
+            "global_batch_size": 4, "per_device_batch_size": 2}
+    args.update(bad(tmp_path) if callable(bad) else bad)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("WORLD_SIZE", None)
+    res = subprocess.run([sys.executable, str(ROOT / "distill.py"),
+                          *(f"{k}={'null' if v is None else v}" for k, v in args.items())],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.strip().startswith("error: ") and res.stderr.strip().count("\n") == 0, res.stderr[-3000:]
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == []  # no output_dir, checkpoints or final model
+
+
+def test_global_batch_must_split_evenly_over_the_processes():
+    """The rule counts processes: 16 sequences split over 8 processes of 2, not over 3 processes of 2."""
+    cfg = distill.load_config("train_config.yaml", ["train_traces=t", "output_dir=o", "global_batch_size=16",
+                                                    "per_device_batch_size=2"])
+    distill.check_config(cfg, world=8)
+    assert distill.schedule(cfg, n_train=64, world=8)[0] == 1
+    with pytest.raises(ConfigError, match=r"2 x 3 processes = 6; set e.g. global_batch_size=18"):
+        distill.check_config(cfg, world=3)
