@@ -27,10 +27,10 @@ def require_positive(cfg, key, integer=False):
 
 
 def check_config(cfg, world):
-    """Refuse bad values before a model is loaded or a file written (unchecked, lora_r=0 fails after
-    the model load; learning_rate <= 0, lora_alpha=0 or epochs=0 publish an untrained or anti-trained
-    student as final/; and a global batch the processes cannot split would have to become another one,
-    changing the experiment with the GPU count)."""
+    """Refuse bad values before a model is loaded or a file written (unchecked, a negative lora_r fails
+    after the model load; learning_rate <= 0, lora_alpha=0 or epochs=0 publish an untrained or
+    anti-trained student as final/; and a global batch the processes cannot split would have to become
+    another one, changing the experiment with the GPU count)."""
     for key in ("train_traces", "output_dir"):
         if not getattr(cfg, key):
             die(f"{key} is required (e.g. {key}=exp/...)")
