@@ -1,16 +1,20 @@
 """The whole tiny pipeline, end to end, as CI and a new user run it: every stage output must exist
-and be well formed."""
+and be well formed; a pipeline killed mid-stage and rerun ends with the report of an uninterrupted
+one; two pipelines run at once on one machine without touching each other's files."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE_COLUMNS = {"idx", "question", "gold", "system", "prompt", "completion", "trace", "forced",
@@ -18,6 +22,7 @@ TRACE_COLUMNS = {"idx", "question", "gold", "system", "prompt", "completion", "t
 
 
 KILLED_STAGE = "eval_student_base"  # the last generation stage: killing there costs CI the least
+N_TRACES = 1 + 3 * 3 + 2  # holdout, 3 tiny grid rows x (train, student eval, teacher eval), 2 references
 
 
 def descendants(pid):
@@ -45,28 +50,54 @@ def kill_during_stage(env, exp, stage):
     while not work.exists():
         assert proc.poll() is None and time.time() < deadline, "pipeline ended before the stage started"
         time.sleep(0.05)
-    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's workers leave the process group
+    kill_tree(proc)  # every descendant: torchrun's workers leave the process group
+    time.sleep(1.0)
+    assert not (exp / "traces" / stage).exists()  # killed mid-stage: no sentinel
+
+
+def kill_tree(proc):
+    for pid in [proc.pid, *descendants(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
-    time.sleep(1.0)
-    assert not (exp / "traces" / stage).exists()  # killed mid-stage: no sentinel
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_assets, tmp_path_factory):
-    """The tiny pipeline, killed (SIGKILL) during its last generation stage and then rerun."""
-    exp = tmp_path_factory.mktemp("pipeline") / "exp"
-    env = {**os.environ, "EXP_DIR": str(exp), "TINY_ASSETS": str(tiny_assets)}
-    kill_during_stage(env, exp, KILLED_STAGE)
-    res = subprocess.run(["bash", str(REPO / "pipeline_tiny.sh")], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr[-4000:]
-    stages = [line.split(" ", 2)[2] for line in res.stderr.splitlines() if line.startswith("== ")]
-    assert stages == ["undistilled student eval", "report"]  # finished stages were skipped
-    return exp
+def runs(tiny_assets, tmp_path_factory):
+    """Two tiny pipelines at once, on the same assets, with different EXP_DIRs and one shared, fresh
+    TMPDIR: `whole` runs uninterrupted while `killed` is SIGKILLed during its last generation stage
+    and rerun. One pair of runs serves three checks: the rerun's report against an uninterrupted
+    run's, two concurrent pipelines against each other, and what they leave in the shared TMPDIR.
+    Side by side they cost CI little more than one: a tiny pipeline leaves much of 2 cores idle
+    (process starts, single-process stages); measured ~400 s for the pair, ~320 s for one alone."""
+    root = tmp_path_factory.mktemp("pipeline")
+    shared_tmp = root / "tmp"
+    shared_tmp.mkdir()
+    env = {**os.environ, "TINY_ASSETS": str(tiny_assets), "TMPDIR": str(shared_tmp)}
+    killed, whole = root / "killed", root / "whole"
+    with open(root / "whole.log", "w") as log:
+        whole_proc = subprocess.Popen(["bash", str(REPO / "pipeline_tiny.sh")], env={**env, "EXP_DIR": str(whole)},
+                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        kill_during_stage({**env, "EXP_DIR": str(killed)}, killed, KILLED_STAGE)
+        res = subprocess.run(["bash", str(REPO / "pipeline_tiny.sh")], env={**env, "EXP_DIR": str(killed)},
+                             cwd=REPO, capture_output=True, text=True, timeout=1200)
+        assert res.returncode == 0, res.stderr[-4000:]
+        stages = [line.split(" ", 2)[2] for line in res.stderr.splitlines() if line.startswith("== ")]
+        assert stages == ["undistilled student eval", "report"]  # finished stages were skipped
+        assert whole_proc.wait(timeout=1200) == 0, (root / "whole.log").read_text()[-4000:]
+    finally:
+        if whole_proc.poll() is None:
+            kill_tree(whole_proc)
+    return SimpleNamespace(killed=killed, whole=whole, tmp=shared_tmp)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(runs):
+    """The killed-and-rerun pipeline's EXP_DIR: every check of a finished pipeline runs on it."""
+    return runs.killed
 
 
 def grid_names():
@@ -141,3 +172,61 @@ def test_stage_killed_mid_run_is_redone_to_the_uninterrupted_result(tiny_run, ti
     resumed = datasets.load_from_disk(str(tiny_run / "traces" / KILLED_STAGE))
     whole = datasets.load_from_disk(str(tmp_path / "traces" / KILLED_STAGE))
     assert resumed["completion"] == whole["completion"] and resumed["forced"] == whole["forced"]
+
+
+def registry_by_name(exp):
+    """The registry as report.py reads it (the last line of a name wins), with the EXP_DIR in paths
+    replaced by a placeholder: trace and student paths lie in EXP_DIR, which differs by design."""
+    entries = {}
+    for line in (exp / "metadata" / "trace_registry.jsonl").read_text().splitlines():
+        entry = json.loads(line.replace(str(exp), "$EXP_DIR"))
+        entries[entry["name"]] = entry
+    return entries
+
+
+def test_killed_and_rerun_pipeline_reports_what_an_uninterrupted_one_does(runs):
+    # report.md holds only accuracies and counts (no timings, paths or dates), so it must match byte
+    # for byte; the rerun redid the killed stage, so this compares redone and resumed work too
+    assert (runs.killed / "report.md").read_text() == (runs.whole / "report.md").read_text()
+    # `created` is the wall-clock time a line was written: the one field that differs by design
+    killed, whole = ({name: {k: v for k, v in e.items() if k != "created"} for name, e in registry_by_name(r).items()}
+                     for r in (runs.killed, runs.whole))
+    assert len(whole) == N_TRACES
+    assert killed == whole  # name, split, model, tau, lam, eps, n, raw and af accuracy of every trace
+
+
+def test_two_pipelines_at_once_write_identical_outputs(runs):
+    """Same assets and seeds, so two pipelines that never touched each other's files write the same
+    gradient and the same traces; a shared work file or a crossed EXP_DIR would show up here."""
+    names = sorted(p.name for p in (runs.whole / "traces").iterdir() if p.is_dir())
+    assert names == sorted(p.name for p in (runs.killed / "traces").iterdir() if p.is_dir())
+    assert len(names) == N_TRACES
+    for name in names:
+        a = datasets.load_from_disk(str(runs.whole / "traces" / name))
+        b = datasets.load_from_disk(str(runs.killed / "traces" / name))
+        assert a["completion"] == b["completion"] and a["forced"] == b["forced"], name
+    g_whole, g_killed = (load_file(str(r / "student_grads.safetensors")) for r in (runs.whole, runs.killed))
+    assert g_whole.keys() == g_killed.keys()
+    assert all((g_whole[k] == g_killed[k]).all() for k in g_whole)
+
+
+def test_two_pipelines_at_once_leave_nothing_in_the_shared_tmpdir(runs):
+    """Both pipelines (and the killed one's rerun) had TMPDIR set to one fresh directory. No file may
+    be left there (the reference kept its caches at fixed /tmp paths, which concurrent runs shared).
+    Two kinds of empty directory are allowed, both torch's: torchrun's per-launch log directories
+    (mkdtemp names, so never shared; torchrun does not remove them) and torch.compile's cache
+    directory torchinductor_USER (one per user by design: content-addressed and written under file
+    locks, so sharing it is safe; the CPU pipeline compiles nothing into it)."""
+    entries = sorted(p.name for p in runs.tmp.iterdir())
+    assert any(name.startswith("torchelastic_") for name in entries)  # the launches did use this TMPDIR
+    allowed = re.compile(r"torchelastic_[a-z0-9_]{8}|torchinductor_\w+")
+    assert [name for name in entries if not allowed.fullmatch(name)] == []
+    assert [str(p) for p in runs.tmp.rglob("*") if not p.is_dir()] == []
+
+
+def test_no_script_writes_to_a_fixed_tmp_path():
+    """TMPDIR does not cover a hard-coded /tmp path, so none may appear in the scripts or drivers."""
+    sources = [p for p in [*REPO.glob("*.py"), *REPO.glob("*.sh")] if not p.name.startswith(".")]
+    assert sources
+    offenders = [p.name for p in sources if re.search(r"(?<![\w.}])/tmp\b", p.read_text())]
+    assert offenders == []
