@@ -28,12 +28,12 @@ GRIDS = {
         "lam_over_eps": [5.0, 20.0],
         "eps": 1e-2,
     },
-    # pipeline_synth.sh: 6 temperature rows (tau 0.9 with lam 0, and five hotter), 7 ADS rows with lam
-    # over 2 decades (the scale that degrades a small model is not known in advance), and each ADS row
-    # again with its penalty permuted: 20 rows
+    # pipeline_synth.sh: 6 temperature rows (tau 0.9 with lam 0, and five hotter) and 7 ADS rows, each
+    # again with its penalty permuted: 20 rows.  Placed after a first run on one H200, where tau 1.25
+    # kept the teacher at 94% and tau 2.5 left it at 5%, lam 0.02 (permuted) at 60% and lam 0.08 at 4%
     "synth": {
-        "taus": [0.9, 1.25, 1.5, 2.0, 2.5, 3.0],
-        "lam_over_eps": [0, 1, 2, 4, 8, 16, 32, 64],
+        "taus": [0.9, 1.25, 1.5, 1.75, 2.0, 2.25],
+        "lam_over_eps": [0, 0.25, 0.5, 1, 1.5, 2, 3, 4],
         "eps": 1e-2,
         "controls": ["permute"],
     },

@@ -60,7 +60,7 @@ PROFILES = {
         "vocab": {"teacher": 1000, "student": 400}, "max_new_tokens": 64,
     },
     "synth": {
-        "max_value": 60, "n_steps": (3, 5), "styles": True, "splits": {"train": 3000, "test": 500},
+        "max_value": 60, "n_steps": (3, 5), "styles": True, "splits": {"train": 6000, "test": 500},
         "teacher_problems": 40000, "teacher_val": 256,
         "teacher": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                         num_key_value_heads=2),
