@@ -75,6 +75,17 @@ def test_short_run_writes_a_merged_model_and_summary(assets):
     assert losses[-1] < losses[0]
 
 
+def test_lora_r_0_fine_tunes_every_weight(assets):
+    root, student, _, _ = assets
+    out = root / "full"
+    summary = run(assets, out, "lora_r=0")
+    model = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    base = AutoModelForCausalLM.from_pretrained(str(student))
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, base.get_parameter(n))]
+    assert unchanged == []  # embeddings and the output layer too, which adapters never touch
+    assert summary["global_step"] == 4
+
+
 def test_rerun_resumes_from_the_latest_checkpoint(assets):
     root, _, _, _ = assets
     out = root / "resume"
