@@ -90,7 +90,7 @@ def preflight_proxy(cfg, teacher_tok):
     """Check the proxy's tokenizer and the gradient against the proxy's shapes (built on the meta
     device, so nothing is loaded) before any weights are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    proxy_tok = utils.load_tokenizer(cfg.proxy, cfg.trust_remote_code)
+    proxy_tok = utils.load_tokenizer(cfg.proxy, cfg.trust_remote_code, what="proxy")
     if not utils.same_tokenizer(teacher_tok, proxy_tok):
         die(f"teacher {cfg.teacher} and proxy {cfg.proxy} have different tokenizers; ADS needs shared ids")
     grads = sampling.load_gradient(cfg.grad_path)
@@ -266,7 +266,8 @@ def main(argv):
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
     utils.seed_everything(cfg.seed)
     params = sampling_params(cfg)
-    tokenizer = utils.load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code)
+    tokenizer = utils.load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code,
+                                     what="tokenizer" if cfg.tokenizer else "teacher")
     grads = preflight_proxy(cfg, tokenizer) if params.uses_proxy else None
     examples, marker, n_dropped = load_prompts(cfg, tokenizer)
     start = time.time()

@@ -47,14 +47,7 @@ def check_config(cfg):
 
 def proxy_tokenizer(cfg):
     """The proxy's tokenizer, or one line saying why it cannot be had (not a traceback)."""
-    path = str(cfg.proxy)
-    hub_id = not path.startswith(("/", ".", "~")) and path.count("/") == 1
-    if not Path(path).exists() and not hub_id:
-        die(f"proxy {path} does not exist (give a local model directory or a Hub id such as Qwen/Qwen2.5-3B)")
-    try:
-        return load_tokenizer(path, cfg.trust_remote_code)
-    except OSError as e:
-        die(f"cannot load the proxy tokenizer from {path} ({str(e).splitlines()[0]})")
+    return load_tokenizer(cfg.proxy, cfg.trust_remote_code, what="proxy")
 
 
 def check_traces_tokenizer(cfg, tokenizer):
@@ -69,9 +62,10 @@ def check_traces_tokenizer(cfg, tokenizer):
     source = gen.get("tokenizer") or gen.get("teacher")
     if not source:
         return
+    from transformers import AutoTokenizer
     try:
-        source_tok = load_tokenizer(str(source), cfg.trust_remote_code)
-    except OSError:
+        source_tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
         log(f"cannot load {source} (named by {sidecar}) to check that it shares the proxy's tokenizer",
             os.environ.get("RANK", "0") == "0")
         return

@@ -364,9 +364,18 @@ def torch_dtype(name, device):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def load_tokenizer(path, trust_remote_code=False):
+def load_tokenizer(path, trust_remote_code=False, what="model"):
+    """The tokenizer at a local path or Hub id; a missing path or an unloadable tokenizer is one
+    error line naming `what` (teacher, proxy, student), not a traceback from deep in transformers."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    path = str(path)
+    hub_id = not path.startswith(("/", ".", "~")) and path.count("/") == 1
+    if not Path(path).exists() and not hub_id:
+        die(f"{what} {path} does not exist (give a local model directory or a Hub id such as Qwen/Qwen2.5-3B)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        die(f"cannot load the {what} tokenizer from {path} ({str(e).strip().splitlines()[0]})")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # reuse an existing token: never grow the vocabulary
     return tok

@@ -137,8 +137,9 @@ def tokenizer_only(tmp_path_factory):
     ({"global_batch_size": 5}, "global_batch_size=5 is not a multiple of per_device_batch_size=2 x 1 processes"),
     ({"max_length": 8}, "keeps a completion token within max_length=8"),
     (lambda tmp_path: {"eval_traces": tmp_path / "missing_holdout"}, "missing_holdout does not exist"),
+    ({"student": "/nonexistent/student"}, "student /nonexistent/student does not exist"),
 ], ids=["unknown_key", "lora_r_negative", "lora_alpha_0", "learning_rate_0", "learning_rate_negative", "epochs_0",
-        "batch_not_divisible", "max_length_below_every_prompt", "missing_eval_traces"])
+        "batch_not_divisible", "max_length_below_every_prompt", "missing_eval_traces", "missing_student"])
 def test_bad_input_is_one_error_line_and_writes_nothing(bad, message, tokenizer_only, tmp_path):
     args = {"student": tokenizer_only / "student", "student_tokenizer": None, "train_traces": tokenizer_only / "train",
             "eval_traces": tokenizer_only / "holdout", "output_dir": tmp_path / "out", "max_length": 256,

@@ -149,6 +149,7 @@ def test_bad_gradient_file_is_one_clear_error_and_writes_nothing(kind, message, 
     ({"tau": 1.0, "ads_control": "permute"}, "it needs lam > 0"),
     ({"ads_control": "shuffle"}, "ads_control must be none or permute"),
     ({"engine": "vllm"}, "engine must be auto, eager or reference"),
+    ({"teacher": "/nonexistent/teacher"}, "teacher /nonexistent/teacher does not exist"),
 ])
 def test_bad_config_is_one_clear_error_and_writes_nothing(override, message, tiny_assets, tmp_path):
     exp = tmp_path / "exp"
