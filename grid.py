@@ -23,10 +23,11 @@ GRIDS = {
         "lam_over_eps": np.linspace(0, 15, 20).tolist(),
         "eps": 1e-2,
     },
-    "tiny": {  # CI: one temperature row, two ADS rows (lam 0.05 and 0.2)
+    "tiny": {  # CI: one temperature row, one ADS row (lam 0.2) and its permuted control
         "taus": [0.9, 1.5],
-        "lam_over_eps": [5.0, 20.0],
+        "lam_over_eps": [20.0],
         "eps": 1e-2,
+        "controls": ["permute"],
     },
     # pipeline_synth.sh: 6 temperature rows (tau 0.9 with lam 0, and five hotter) and 7 ADS rows, each
     # again with its penalty permuted: 20 rows.  Placed after a first run on one H200, where tau 1.25

@@ -68,10 +68,11 @@ def test_paper_grid_is_shuffled_yet_deterministic():
     assert cli_rows() == cli_rows()
 
 
-def test_tiny_grid_has_a_temperature_row_and_two_ads_rows():
+def test_tiny_grid_has_a_temperature_row_an_ads_row_and_its_control():
     rows = grid.grid_rows("tiny")
     assert sum(r.lam == r.eps == 0.0 for r in rows) >= 1
-    assert sum(r.lam > 0 and r.eps > 0 for r in rows) >= 2
+    assert sum(r.lam > 0 and r.eps > 0 and r.control == "none" for r in rows) >= 1
+    assert sum(r.control == "permute" for r in rows) >= 1
 
 
 def test_row_name_uses_the_cli_formatting():

@@ -103,7 +103,10 @@ def tiny_run(runs):
 def grid_names():
     out = subprocess.run(["python", str(REPO / "grid.py"), "--grid", "tiny"], capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    return [f"tau{t}_lam{lam}_eps{e}" for t, lam, e in (line.split() for line in out)]
+    names = ["tau{}_lam{}_eps{}".format(*line.split()[:3]) + "".join(f"_{c}" for c in line.split()[3:])
+             for line in out]
+    assert any(name.endswith("_permute") for name in names)  # the control series runs through the pipeline
+    return names
 
 
 def check_trace(exp, name):
