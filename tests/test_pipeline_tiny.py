@@ -67,9 +67,10 @@ def kill_tree(proc):
 @pytest.fixture(scope="module")
 def runs(tiny_assets, tmp_path_factory):
     """Two tiny pipelines at once, on the same assets, with different EXP_DIRs and one shared, fresh
-    TMPDIR: `whole` runs uninterrupted while `killed` is SIGKILLed during its last generation stage
-    and rerun. One pair of runs serves three checks: the rerun's report against an uninterrupted
-    run's, two concurrent pipelines against each other, and what they leave in the shared TMPDIR.
+    TMPDIR: `whole` runs uninterrupted, its grid rows side by side (PARALLEL=3), while `killed` runs
+    them one after another and is SIGKILLed during its last generation stage and rerun. One pair of
+    runs serves four checks: the rerun's report against an uninterrupted run's, parallel rows against
+    serial ones, two concurrent pipelines against each other, and what they leave in the shared TMPDIR.
     Side by side they cost CI little more than one: a tiny pipeline leaves much of 2 cores idle
     (process starts, single-process stages); measured ~400 s for the pair, ~320 s for one alone."""
     root = tmp_path_factory.mktemp("pipeline")
@@ -78,7 +79,8 @@ def runs(tiny_assets, tmp_path_factory):
     env = {**os.environ, "TINY_ASSETS": str(tiny_assets), "TMPDIR": str(shared_tmp)}
     killed, whole = root / "killed", root / "whole"
     with open(root / "whole.log", "w") as log:
-        whole_proc = subprocess.Popen(["bash", str(REPO / "pipeline_tiny.sh")], env={**env, "EXP_DIR": str(whole)},
+        whole_proc = subprocess.Popen(["bash", str(REPO / "pipeline_tiny.sh")],
+                                      env={**env, "EXP_DIR": str(whole), "PARALLEL": "3"},
                                       cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         kill_during_stage({**env, "EXP_DIR": str(killed)}, killed, KILLED_STAGE)
@@ -91,7 +93,7 @@ def runs(tiny_assets, tmp_path_factory):
     finally:
         if whole_proc.poll() is None:
             kill_tree(whole_proc)
-    return SimpleNamespace(killed=killed, whole=whole, tmp=shared_tmp)
+    return SimpleNamespace(killed=killed, whole=whole, tmp=shared_tmp, whole_log=root / "whole.log")
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +198,12 @@ def test_killed_and_rerun_pipeline_reports_what_an_uninterrupted_one_does(runs):
                      for r in (runs.killed, runs.whole))
     assert len(whole) == N_TRACES
     assert killed == whole  # name, split, model, tau, lam, eps, n, raw and af accuracy of every trace
+
+
+def test_parallel_row_loops_each_ran_a_row(runs):
+    log = runs.whole_log.read_text()
+    starts = {line.split("]")[0] + "]" for line in log.splitlines() if re.match(r"\[rows \d\] == .*: train traces", line)}
+    assert starts == {"[rows 0]", "[rows 1]", "[rows 2]"}
 
 
 def test_two_pipelines_at_once_write_identical_outputs(runs):
