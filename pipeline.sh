@@ -29,6 +29,12 @@ read -ra GRAD_EXTRA <<<"${GRAD_ARGS:-}"
 read -ra TRAIN_EXTRA <<<"${TRAIN_ARGS:-}"
 read -ra LAUNCHER <<<"$LAUNCH"
 
+# the grid rows of this shard, read before any stage runs so a bad grid or shard fails at once
+[[ $PARALLEL =~ ^[1-9][0-9]*$ ]] || { echo "pipeline: PARALLEL must be a positive integer, got '$PARALLEL'" >&2; exit 2; }
+GRID_ROWS=$(python grid.py --grid "$GRID" --shard "$SHARD" --num-shards "$NUM_SHARDS")
+ROWS=()
+[[ -z $GRID_ROWS ]] || mapfile -t ROWS <<<"$GRID_ROWS"  # an empty shard has no rows
+
 TRACES=$EXP_DIR/traces
 GRADS=$EXP_DIR/student_grads.safetensors
 mkdir -p "$TRACES" "$EXP_DIR/models" "$EXP_DIR/logs"
@@ -92,7 +98,6 @@ run_row() {
 
 # rows are dealt round-robin to PARALLEL loops; a failed row stops its loop and fails the pipeline
 # once the other loops are done (their finished rows are kept, so a rerun does only what is left)
-mapfile -t ROWS < <(python grid.py --grid "$GRID" --shard "$SHARD" --num-shards "$NUM_SHARDS")
 row_loop() {
     local i fields
     for ((i = $1; i < ${#ROWS[@]}; i += PARALLEL)); do

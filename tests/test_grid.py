@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -91,3 +92,15 @@ def test_synth_grid_pairs_every_ads_row_with_a_permuted_control():
     assert len(lines) == len(rows)
     assert sorted(len(line.split(" ")) for line in lines) == [3] * (len(rows) - len(control)) + [4] * len(control)
     assert all(line.split(" ")[3] == "permute" for line in lines if line.count(" ") == 3)
+
+
+@pytest.mark.parametrize("env,message", [({"GRID": "nope"}, "invalid choice: 'nope'"),
+                                         ({"PARALLEL": "0"}, "PARALLEL must be a positive integer")])
+def test_pipeline_refuses_a_bad_grid_or_parallel_before_any_stage(env, message, tmp_path):
+    exp = tmp_path / "exp"
+    bin_dir = str(Path(sys.executable).parent)  # the drivers call `python`: this interpreter's
+    res = subprocess.run(["bash", str(ROOT / "pipeline.sh")], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+                              "EXP_DIR": str(exp), **env})
+    assert res.returncode == 2 and message in res.stderr.splitlines()[-1]
+    assert not exp.exists()
