@@ -17,13 +17,8 @@ from pathlib import Path
 import torch
 
 from utils import (atomic_publish_dir, atomic_write_text, die, load_config, load_model, load_tokenizer,
-                   load_traces, log, run_cli, seed_everything, to_yaml, tokenize_traces, torch_dtype)
-
-
-def require_positive(cfg, key, integer=False):
-    value = getattr(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
-        die(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+                   load_traces, log, require_positive, run_cli, seed_everything, to_yaml, tokenize_traces,
+                   torch_dtype)
 
 
 def check_config(cfg, world):
@@ -80,7 +75,7 @@ def collate(batch, pad_id):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def student_with_lora(cfg, device):
+def student_model(cfg, device):
     from peft import LoraConfig, get_peft_model
     model = load_model(cfg.student, torch_dtype(cfg.dtype, device), device, cfg.attn_implementation,
                        cfg.trust_remote_code)
@@ -185,7 +180,7 @@ def main(argv):
         else (None, 0)
 
     from transformers import Trainer  # imported here: a bad config fails in a second, not ten
-    model = student_with_lora(cfg, device)
+    model = student_model(cfg, device)
     accum, steps_per_epoch, eval_steps = schedule(cfg, len(train), world)
     args = training_args(cfg, accum, eval_steps, evals is not None, torch_dtype(cfg.dtype, device))
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,

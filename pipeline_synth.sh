@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A small-scale reproduction on one GPU: does ADS degrade students more than temperature sampling at
-# the same teacher accuracy? make_assets.py --profile synth trains a ~30M Qwen2 teacher on synthetic
+# the same teacher accuracy? make_assets.py --profile synth trains a 25M Qwen2 teacher on synthetic
 # two-digit word problems and pretrains the proxy (Qwen2) and student (Llama) on the questions and on
 # arithmetic facts, never on solutions; then the 20-row synth grid (temperature, ADS, ADS with the
 # penalty permuted) runs 10 rows at a time on the one GPU, and the report compares the curves.
 #
-#   EXP_DIR=exp/synth bash pipeline_synth.sh                       # one H200: about 10 minutes
+#   EXP_DIR=exp/synth bash pipeline_synth.sh                       # one H200: about 15 minutes
 #   ASSETS_PROFILE=tiny GRID=tiny PARALLEL=2 bash pipeline_synth.sh   # the same driver on CPU, in minutes
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -20,8 +20,8 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from utils import (die, load_config, load_model, load_tokenizer, load_traces, log, run_cli, same_tokenizer,
-                   tokenize_traces)
+from utils import (die, load_config, load_model, load_tokenizer, load_traces, log, require_positive, run_cli,
+                   same_tokenizer, tokenize_traces)
 
 
 def check_config(cfg):
@@ -32,9 +32,7 @@ def check_config(cfg):
         if not getattr(cfg, key):
             die(f"{key} is required")
     for key in ("batch_size", "max_length"):
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            die(f"{key} must be a positive integer, got {value!r}")
+        require_positive(cfg, key, integer=True)
     out = Path(cfg.out)
     if out.is_dir():
         die(f"out={out} is a directory; give the path of the .safetensors file to write")
@@ -43,11 +41,6 @@ def check_config(cfg):
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         die(f"cannot write out={out}: {existing} is not a writable directory")
-
-
-def proxy_tokenizer(cfg):
-    """The proxy's tokenizer, or one line saying why it cannot be had (not a traceback)."""
-    return load_tokenizer(cfg.proxy, cfg.trust_remote_code, what="proxy")
 
 
 def check_traces_tokenizer(cfg, tokenizer):
@@ -147,7 +140,7 @@ def main(argv):
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
     main_process, world = state.is_main_process, state.num_processes
     ds = load_traces(cfg.traces)
-    tokenizer = proxy_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.proxy, cfg.trust_remote_code, what="proxy")
     check_traces_tokenizer(cfg, tokenizer)
     examples, dropped = tokenize_traces(ds, tokenizer, cfg.max_length)
     if not examples:

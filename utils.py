@@ -364,6 +364,13 @@ def torch_dtype(name, device):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def require_positive(cfg, key, integer=False):
+    """cfg.key must be a positive number (an integer with integer=True); else one error line."""
+    value = getattr(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
+        die(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
 def load_tokenizer(path, trust_remote_code=False, what="model"):
     """The tokenizer at a local path or Hub id; a missing path or an unloadable tokenizer is one
     error line naming `what` (teacher, proxy, student), not a traceback from deep in transformers."""
