@@ -174,6 +174,8 @@ def main(argv):
     seed_everything(cfg.seed)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    # float32 students (small models, the synth run) train through TF32 tensor cores on CUDA
+    torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student, cfg.trust_remote_code, what="student")
     train, dropped_train = build_examples(cfg.train_traces, tokenizer, cfg.max_length, cfg.max_samples)
     evals, dropped_eval = build_examples(cfg.eval_traces, tokenizer, cfg.max_length) if cfg.eval_traces \

@@ -49,7 +49,7 @@ class Prefill:
     slots: torch.Tensor                   # (n,) slot of each prompt
     token_rows: torch.Tensor              # row and column of each real (non-pad) token
     token_cols: torch.Tensor
-    mask: torch.Tensor                    # (n, 1, T, T) causal mask over real tokens
+    mask: torch.Tensor                    # (n, 1, T, T) causal mask over real tokens; None: no padding
 
 
 def attention_layers(model):
@@ -100,7 +100,14 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, slot
     r, c = p.token_rows, p.token_cols
     k_cache[p.slots[r], :, p.positions[r, c]] = key[r, :, c]
     v_cache[p.slots[r], :, p.positions[r, c]] = value[r, :, c]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=p.mask, scale=scaling, enable_gqa=True)
+    if p.mask is None:  # prompts of one length: plain causal attention, which has a flash kernel
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    else:
+        # with a mask, grouped-query SDPA falls back to the math kernel; expanded K/V (prompt-sized,
+        # so small) keep the memory-efficient one
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=p.mask, scale=scaling)
     return out.transpose(1, 2), None
 
 
@@ -630,7 +637,8 @@ class Engine:
         mask = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)
         token_rows, token_cols = real.nonzero(as_tuple=True)
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
-        prefill = Prefill(positions, slot_t, token_rows, token_cols, mask[:, None])
+        padded = any(len(p) < width for p in prompts)
+        prefill = Prefill(positions, slot_t, token_rows, token_cols, mask[:, None] if padded else None)
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.score[slot_t] = self.scores_of(self.forward(ids, positions, prefill), rows_t, torch.zeros_like(rows_t))
         self.seq_len[slot_t] = torch.tensor([len(p) for p in prompts], device=self.device)

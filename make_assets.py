@@ -57,18 +57,20 @@ PROFILES = {
         "base": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2),
         "base_train": dict(steps=50, batch_size=32, lr=3e-3), "arithmetic_docs": 0,
-        "vocab": {"teacher": 1000, "student": 400}, "max_new_tokens": 64,
+        "vocab": {"teacher": 1000, "student": 400}, "max_new_tokens": 64, "numbered": False,
     },
     "synth": {
-        "max_value": 60, "n_steps": (3, 5), "styles": True, "splits": {"train": 6000, "test": 500},
+        "max_value": 60, "n_steps": (3, 5), "styles": True, "splits": {"train": 10000, "test": 500},
         "teacher_problems": 40000, "teacher_val": 256,
         "teacher": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                         num_key_value_heads=2),
         "teacher_train": dict(steps=3000, batch_size=128, lr=1e-3), "teacher_target": 0.96, "check_every": 200,
-        "base": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+        # proxy and student of the teacher's size, as in the paper (3B proxy and student, 7B teacher, one
+        # family apart): a first run with 5M bases left every distilled student below 8%
+        "base": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                      num_key_value_heads=2),
-        "base_train": dict(steps=1500, batch_size=64, lr=2e-3), "arithmetic_docs": 20000,
-        "vocab": {"teacher": 2000, "student": 800}, "max_new_tokens": 160,
+        "base_train": dict(steps=1500, batch_size=64, lr=1e-3), "arithmetic_docs": 20000,
+        "vocab": {"teacher": 2000, "student": 800}, "max_new_tokens": 160, "numbered": True,
     },
 }
 
@@ -88,9 +90,11 @@ STUDENT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
-def make_problem(rng, max_value, n_steps):
+def make_problem(rng, max_value, n_steps, numbered=False):
     """One word problem: a start value then n_steps gains or losses, every value in 1..max_value;
-    returns question, GSM8K answer, steps and the names the trace may mention."""
+    returns question, GSM8K answer, steps and the names the trace may mention.  numbered: the events
+    are a numbered list, one a line, and the trace numbers its steps the same way (so which number
+    comes next is a lookup, not a count of the clauses used so far)."""
     name, other = rng.sample(NAMES, 2)
     obj = rng.choice(OBJECTS)
     value = rng.randint(2, max_value - 1)
@@ -105,18 +109,22 @@ def make_problem(rng, max_value, n_steps):
         clauses.append(clause)
         steps.append((value, "+" if new > value else "-", n, new))
         value = new
-    question = " ".join([rng.choice(OPENINGS).format(name=name, n=start, obj=obj),
-                         f"{name} {', then '.join(clauses)}.", rng.choice(ASKS).format(name=name, obj=obj)])
+    opening, ask = rng.choice(OPENINGS).format(name=name, n=start, obj=obj), rng.choice(ASKS).format(name=name, obj=obj)
+    if numbered:
+        events = "".join(f"{i}. {name} {c}.\n" for i, c in enumerate(clauses, 1))
+        question = f"{opening}\n{events}{ask}"
+    else:
+        question = " ".join([opening, f"{name} {', then '.join(clauses)}.", ask])
     lines = [f"{name} {c}: {a} {s} {b} = <<{a}{s}{b}={r}>>{r} {obj}." for c, (a, s, b, r) in zip(clauses, steps)]
     return {"question": question, "answer": "\n".join(lines) + f"\n#### {value}", "steps": steps, "result": value,
-            "name": name, "obj": obj}
+            "name": name, "obj": obj, "numbered": numbered}
 
 
 def make_problems(rng, count, exclude, profile):
     """count problems with distinct questions, none of them in exclude."""
     problems, seen = [], set(exclude)
     while len(problems) < count:
-        p = make_problem(rng, profile["max_value"], profile["n_steps"])
+        p = make_problem(rng, profile["max_value"], profile["n_steps"], profile["numbered"])
         if p["question"] not in seen:
             seen.add(p["question"])
             problems.append(p)
@@ -124,12 +132,15 @@ def make_problems(rng, count, exclude, profile):
 
 
 def reasoning(problem, rng=None):
-    """The teacher's trace after `<think>\\n`: one equation a line, then the boxed answer.  With rng
-    (synth), every line and the closing take a random style from STEP_STYLES and CLOSINGS."""
+    """The teacher's trace after `<think>\\n`: one equation a line (numbered like the question's events
+    when they are), then the boxed answer.  With rng (synth), every line and the closing take a random
+    style from STEP_STYLES and CLOSINGS."""
+    numbers = [f"{i}. " if problem.get("numbered") else "" for i in range(1, len(problem["steps"]) + 1)]
     if rng is None:
-        eqs = "".join(f"{a}{s}{b}={r}\n" for a, s, b, r in problem["steps"])
+        eqs = "".join(f"{n}{a}{s}{b}={r}\n" for n, (a, s, b, r) in zip(numbers, problem["steps"]))
         return eqs + f"</think>\n\nThe answer is \\boxed{{{problem['result']}}}."
-    eqs = "".join(rng.choice(STEP_STYLES).format(a=a, s=s, w=WORDS[s], b=b, r=r) for a, s, b, r in problem["steps"])
+    eqs = "".join(n + rng.choice(STEP_STYLES).format(a=a, s=s, w=WORDS[s], b=b, r=r)
+                  for n, (a, s, b, r) in zip(numbers, problem["steps"]))
     closing = rng.choice(CLOSINGS).format(r=problem["result"], name=problem["name"], obj=problem["obj"])
     return eqs + "</think>\n\n" + closing
 

@@ -19,6 +19,7 @@ GRID=${GRID:-paper}                           # a grid name from grid.py
 SHARD=${SHARD:-0}
 NUM_SHARDS=${NUM_SHARDS:-1}
 PARALLEL=${PARALLEL:-1}                       # grid rows run at once on this machine (small models share a GPU)
+ROW_GPUS=${ROW_GPUS:-}                        # e.g. 0,1: parallel row loop j runs on GPU j mod 2 (empty: all GPUs)
 BATCH=${BATCH:-512}                           # decode slots per process without ADS
 ADS_BATCH=${ADS_BATCH:-192}                   # with ADS three models share the GPU
 HOLDOUT_MAX_SAMPLES=${HOLDOUT_MAX_SAMPLES:-null}
@@ -31,6 +32,9 @@ read -ra LAUNCHER <<<"$LAUNCH"
 
 # the grid rows of this shard, read before any stage runs so a bad grid or shard fails at once
 [[ $PARALLEL =~ ^[1-9][0-9]*$ ]] || { echo "pipeline: PARALLEL must be a positive integer, got '$PARALLEL'" >&2; exit 2; }
+[[ -z $ROW_GPUS || $ROW_GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] \
+    || { echo "pipeline: ROW_GPUS must be comma-separated GPU indices such as 0,1, got '$ROW_GPUS'" >&2; exit 2; }
+IFS=, read -ra GPU_LIST <<<"$ROW_GPUS"
 GRID_ROWS=$(python grid.py --grid "$GRID" --shard "$SHARD" --num-shards "$NUM_SHARDS")
 ROWS=()
 [[ -z $GRID_ROWS ]] || mapfile -t ROWS <<<"$GRID_ROWS"  # an empty shard has no rows
@@ -110,7 +114,13 @@ if ((PARALLEL == 1)); then
 else
     PIDS=()
     for ((j = 0; j < PARALLEL; j++)); do
-        row_loop "$j" > >(sed -u "s/^/[rows $j] /") 2>&1 &
+        (
+            if ((${#GPU_LIST[@]})); then
+                export CUDA_VISIBLE_DEVICES=${GPU_LIST[j % ${#GPU_LIST[@]}]}
+                echo "on GPU $CUDA_VISIBLE_DEVICES"
+            fi
+            row_loop "$j"
+        ) > >(sed -u "s/^/[rows $j] /") 2>&1 &
         PIDS+=($!)
     done
     FAILED=0

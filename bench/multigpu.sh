@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Two GPUs, data parallel: engine throughput with 1 and 2 processes, save_grad on a real-shape
-# proxy with 1 and 2 processes, and the tiny pipeline with 2 GPU processes (compared on the CPU
-# side with bench/compare_tiny.py). Run on a 2-GPU machine from the repository root:
+# proxy with 1 and 2 processes, and the tiny pipeline with 2 GPU processes, sampled and with argmax
+# decoding (compared with CPU runs of the same assets by bench/compare_tiny.py). Run on a 2-GPU
+# machine from the repository root:
 #
 #   OUT=bench/results/x2 ASSETS=tiny_assets bash bench/multigpu.sh            # all parts
-#   PARTS=tiny bash bench/multigpu.sh                                           # engine, grad, tiny
+#   PARTS=tiny ASSETS=tiny_assets bash bench/multigpu.sh                       # one part: engine, grad or tiny
 set -euo pipefail
 PARTS=${PARTS:-engine,grad,tiny}
 OUT=${OUT:-bench/results/x2}
@@ -58,10 +59,17 @@ PY
 fi
 
 if [[ ,$PARTS, == *,tiny,* ]]; then
-echo "== tiny pipeline, 2 GPU processes, fp32"
-EXP_DIR=$SCRATCH/tiny TINY_ASSETS=$ASSETS LAUNCH="${LAUNCH2[*]}" GEN_ARGS="dtype=float32 engine=reference" \
-    TRAIN_ARGS="dtype=float32" bash pipeline_tiny.sh > "$OUT/tiny_pipeline.log" 2>&1
-cp "$SCRATCH/tiny/traces/holdout.parquet" "$OUT/gpu_holdout.parquet"
-cp "$SCRATCH/tiny/student_grads.safetensors" "$OUT/gpu_student_grads.safetensors"
-cp "$SCRATCH/tiny/report.md" "$OUT/gpu_report.md"
+echo "== tiny pipeline, 2 GPU processes, fp32: sampled as configured, and argmax decoding (top_k=1)"
+tiny() {
+    EXP_DIR=$SCRATCH/$1 TINY_ASSETS=$ASSETS LAUNCH="${LAUNCH2[*]}" GEN_ARGS="dtype=float32 engine=eager $2" \
+        TRAIN_ARGS="dtype=float32" bash pipeline_tiny.sh > "$OUT/$1.log" 2>&1
+}
+tiny tiny_sampled "" &
+sampled=$!
+tiny tiny_argmax "top_k=1" &
+argmax=$!
+wait "$sampled"
+wait "$argmax"
+# what bench/compare_tiny.py reads: trace parquets, the gradient, the registry and the report
+tar czf "$OUT/tiny_gpu.tgz" -C "$SCRATCH" --exclude models --exclude assets tiny_sampled tiny_argmax
 fi

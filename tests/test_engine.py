@@ -107,6 +107,16 @@ def test_top_k_1_tokens_equal_from_scratch_recomputation_with_continuous_batchin
     assert got == want
 
 
+def test_prompts_of_one_length_prefill_without_a_mask_and_decode_like_the_recomputation(teacher, proxies):
+    """No padding in a prefill group: plain causal attention instead of the masked path."""
+    params = SamplingParams(tau=0.7, lam=0.4, top_k=1)
+    models = decode_models(teacher, proxies, eos_ids=())
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, VOCAB, (6,), generator=g).tolist() for _ in range(4)]
+    want = scratch_generate(models, params, prompts, [0, 1, 2, 3], [5] * 4)
+    assert engine.generate(models, prompts, [0, 1, 2, 3], [5] * 4, params, batch_size=4) == want
+
+
 def test_sampled_tokens_equal_generate_reference(teacher, proxies):
     models = decode_models(teacher, proxies, eos_ids=(3, 9))
     params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)

@@ -95,8 +95,9 @@ def test_synth_grid_pairs_every_ads_row_with_a_permuted_control():
 
 
 @pytest.mark.parametrize("env,message", [({"GRID": "nope"}, "invalid choice: 'nope'"),
-                                         ({"PARALLEL": "0"}, "PARALLEL must be a positive integer")])
-def test_pipeline_refuses_a_bad_grid_or_parallel_before_any_stage(env, message, tmp_path):
+                                         ({"PARALLEL": "0"}, "PARALLEL must be a positive integer"),
+                                         ({"ROW_GPUS": "0,,1"}, "ROW_GPUS must be comma-separated GPU indices")])
+def test_pipeline_refuses_a_bad_grid_parallel_or_row_gpus_before_any_stage(env, message, tmp_path):
     exp = tmp_path / "exp"
     bin_dir = str(Path(sys.executable).parent)  # the drivers call `python`: this interpreter's
     res = subprocess.run(["bash", str(ROOT / "pipeline.sh")], capture_output=True, text=True, cwd=ROOT,

@@ -67,7 +67,7 @@ def kill_tree(proc):
 @pytest.fixture(scope="module")
 def runs(tiny_assets, tmp_path_factory):
     """Two tiny pipelines at once, on the same assets, with different EXP_DIRs and one shared, fresh
-    TMPDIR: `whole` runs uninterrupted, its grid rows side by side (PARALLEL=3), while `killed` runs
+    TMPDIR: `whole` runs uninterrupted, its grid rows side by side (PARALLEL=3, the loops dealt over ROW_GPUS=0,1), while `killed` runs
     them one after another and is SIGKILLed during its last generation stage and rerun. One pair of
     runs serves four checks: the rerun's report against an uninterrupted run's, parallel rows against
     serial ones, two concurrent pipelines against each other, and what they leave in the shared TMPDIR.
@@ -80,7 +80,7 @@ def runs(tiny_assets, tmp_path_factory):
     killed, whole = root / "killed", root / "whole"
     with open(root / "whole.log", "w") as log:
         whole_proc = subprocess.Popen(["bash", str(REPO / "pipeline_tiny.sh")],
-                                      env={**env, "EXP_DIR": str(whole), "PARALLEL": "3"},
+                                      env={**env, "EXP_DIR": str(whole), "PARALLEL": "3", "ROW_GPUS": "0,1"},
                                       cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         kill_during_stage({**env, "EXP_DIR": str(killed)}, killed, KILLED_STAGE)
@@ -204,6 +204,8 @@ def test_parallel_row_loops_each_ran_a_row(runs):
     log = runs.whole_log.read_text()
     starts = {line.split("]")[0] + "]" for line in log.splitlines() if re.match(r"\[rows \d\] == .*: train traces", line)}
     assert starts == {"[rows 0]", "[rows 1]", "[rows 2]"}
+    # ROW_GPUS=0,1 deals the loops over the GPUs round-robin (on CPU the variable is simply unused)
+    assert re.findall(r"^\[rows (\d)\] on GPU (\d)$", log, re.M) == [("0", "0"), ("1", "1"), ("2", "0")]
 
 
 def test_two_pipelines_at_once_write_identical_outputs(runs):

@@ -74,6 +74,22 @@ def test_same_seed_writes_identical_data(tmp_path):
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
 
 
+def test_synth_traces_number_their_steps_like_the_question_lists_its_events():
+    """Synth problems list one event a line, numbered; the k-th trace line is `k. ` and the k-th
+    event's arithmetic, so the line number points at the event whose number it uses."""
+    import random
+    rng = random.Random(5)
+    for p in make_assets.make_problems(rng, 50, (), make_assets.PROFILES["synth"]):
+        events = re.findall(r"^(\d+)\. \w+ .*?(\d+)", p["question"], re.M)
+        lines = make_assets.reasoning(p, rng).split("</think>")[0].splitlines()
+        assert [int(k) for k, _ in events] == list(range(1, len(p["steps"]) + 1)) == \
+            [int(line.split(".")[0]) for line in lines]
+        for (_, n), line, (a, _, b, r) in zip(events, lines, p["steps"]):
+            assert int(n) == b and re.findall(r"\d+", line.split(". ", 1)[1]) == [str(a), str(b), str(r)]
+    tiny = make_assets.make_problems(rng, 5, (), make_assets.PROFILES["tiny"])
+    assert not any(re.search(r"^\d+\. ", p["question"] + make_assets.reasoning(p), re.M) for p in tiny)
+
+
 def test_teacher_and_proxy_share_tokenizer_but_not_vocab_width(assets):
     teacher_tok = AutoTokenizer.from_pretrained(assets / "teacher")
     proxy_tok = AutoTokenizer.from_pretrained(assets / "proxy")
