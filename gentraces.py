@@ -127,6 +127,8 @@ def run_fingerprint(cfg):
 
 
 def prepare_workdir(cfg, state):
+    """The run's chunk folder, or None for a process that arrives after the main process has already
+    published the traces and removed the folder (it had no chunk to write: nothing is left to do)."""
     work = Path(cfg.exp_dir) / "traces" / f".{cfg.trace_name}.work"
     stamp = work / "fingerprint"
     fp = run_fingerprint(cfg)
@@ -135,9 +137,12 @@ def prepare_workdir(cfg, state):
             shutil.rmtree(work)  # chunks from a different config must not leak into this run
         work.mkdir(parents=True, exist_ok=True)
         utils.atomic_write_text(stamp, fp)
-    else:
-        while not stamp.exists() or stamp.read_text() != fp:
-            time.sleep(0.2)
+        return work
+    published = Path(cfg.exp_dir) / "traces" / cfg.trace_name
+    while not stamp.exists() or stamp.read_text() != fp:
+        if published.exists():
+            return None
+        time.sleep(0.2)
     return work
 
 
@@ -273,6 +278,8 @@ def main(argv):
     start = time.time()
     models = load_models(cfg, tokenizer, grads, params, state.device)
     work = prepare_workdir(cfg, state)
+    if work is None:
+        return
     n_chunks = generate_all(cfg, params, state, models, tokenizer, examples, marker, work)
     if not state.is_main_process:
         return

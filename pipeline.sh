@@ -28,6 +28,7 @@ LAUNCH=${LAUNCH:-accelerate launch --config_file acc_config.yaml}
 read -ra GEN_EXTRA <<<"${GEN_ARGS:-}"        # extra key=value overrides for every gentraces.py run
 read -ra GRAD_EXTRA <<<"${GRAD_ARGS:-}"
 read -ra TRAIN_EXTRA <<<"${TRAIN_ARGS:-}"
+read -ra REPORT_EXTRA <<<"${REPORT_ARGS:-}"    # e.g. --metric raw
 read -ra LAUNCHER <<<"$LAUNCH"
 
 # the grid rows of this shard, read before any stage runs so a bad grid or shard fails at once
@@ -142,5 +143,5 @@ fi
 
 # report: table and trade-off plot over every row finished so far (all shards share EXP_DIR)
 stage "report"
-python report.py --exp-dir "$EXP_DIR"
+python report.py --exp-dir "$EXP_DIR" "${REPORT_EXTRA[@]}"
 echo "done: $EXP_DIR/report.md $EXP_DIR/tradeoff.png" >&2

@@ -32,4 +32,8 @@ export GRAD_ARGS="batch_size=64 max_length=320 ${GRAD_ARGS:-}"
 # the teacher needed ~180k examples to learn the task from scratch, the pretrained student gets 56k
 export TRAIN_ARGS="lora_r=0 learning_rate=1e-3 max_length=320 epochs=8 global_batch_size=64 per_device_batch_size=64 \
 eval_every=1 dtype=float32 ${TRAIN_ARGS:-}"
+# the report's gap and plot use the answer boxed in the trace: the synth students never met the
+# answer-forcing suffix (a real base model has seen such text), so their forced answers are noise
+# (a first two-GPU run: distilled students 98% boxed, 15% forced)
+export REPORT_ARGS="--metric raw ${REPORT_ARGS:-}"
 exec bash pipeline.sh

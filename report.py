@@ -8,9 +8,11 @@ The gap is the mean over matched teacher accuracy of student(ADS) - student(temp
 linearly interpolated through its rows, over the teacher-accuracy range both series cover; negative
 means ADS students are worse at equal teacher accuracy. Its 95% interval comes from a paired bootstrap
 over test problems (every eval grades the same problems, so each resample reweights all rows alike),
-read from the per-problem grades in EXP_DIR/traces/eval_*.parquet.
+read from the per-problem grades in EXP_DIR/traces/eval_*.parquet.  The gap and the plot use
+answer-forced accuracy (the paper's), or with --metric raw the answer boxed in the trace itself.
 
     python report.py --exp-dir exp/gsm8k
+    python report.py --exp-dir exp/synth --metric raw
 """
 import argparse
 import json
@@ -31,6 +33,9 @@ EVAL_NAME = re.compile(rf"^eval_(teacher|student)_tau{NUM}_lam{NUM}_eps{NUM}(?:_
 PERMUTED = "ADS, permuted penalty"  # the control series: same score, penalty shuffled over the vocabulary
 SERIES_STYLE = {"ADS": dict(marker="o", color="tab:red"), PERMUTED: dict(marker="^", color="tab:gray"),
                 "temperature": dict(marker="s", color="tab:blue")}
+# metric -> (registry key, per-problem parquet column, axis wording)
+METRICS = {"af": ("af_accuracy", "af_correct", "answer-forced"),
+           "raw": ("raw_accuracy", "raw_correct", "answer boxed in the trace")}
 BOOTSTRAP = 2000         # resamples of the test problems
 BOOTSTRAP_SEED = 0
 
@@ -114,7 +119,7 @@ def series_points(rows: list[dict], series: str, teacher_acc, student_acc) -> li
             if r["series"] == series and r["name"] in teacher_acc and r["name"] in student_acc]
 
 
-def per_problem_grades(exp_dir: Path, rows: list[dict]):
+def per_problem_grades(exp_dir: Path, rows: list[dict], metric: str = "af"):
     """(row names, teacher grades, student grades) as 0/1 arrays over the test problems that every
     complete row graded, in idx order; None when a parquet file is missing."""
     import pyarrow.parquet as pq
@@ -127,8 +132,9 @@ def per_problem_grades(exp_dir: Path, rows: list[dict]):
             path = exp_dir / "traces" / f"eval_{who}_{r['name']}.parquet"
             if not path.is_file():
                 return None
-            table = pq.read_table(path, columns=["idx", "af_correct"]).to_pydict()
-            pair.append(dict(zip(table["idx"], table["af_correct"])))
+            column = METRICS[metric][1]
+            table = pq.read_table(path, columns=["idx", column]).to_pydict()
+            pair.append(dict(zip(table["idx"], table[column])))
         grades[r["name"]] = pair
     if not grades:
         return None
@@ -139,16 +145,16 @@ def per_problem_grades(exp_dir: Path, rows: list[dict]):
     return names, teacher, student
 
 
-def gap_summary(rows: list[dict], exp_dir: Path) -> list[dict]:
+def gap_summary(rows: list[dict], exp_dir: Path, metric: str = "af") -> list[dict]:
     """The interpolated student-accuracy gaps (percent points) at matched teacher accuracy, with
     paired-bootstrap 95% intervals where per-problem grades are on disk."""
-    done = [r for r in rows if accuracy(r["teacher"], "af_accuracy") is not None
-            and accuracy(r["student"], "af_accuracy") is not None]
-    teacher_acc = {r["name"]: accuracy(r["teacher"], "af_accuracy") for r in done}
-    student_acc = {r["name"]: accuracy(r["student"], "af_accuracy") for r in done}
+    key = METRICS[metric][0]
+    done = [r for r in rows if accuracy(r["teacher"], key) is not None and accuracy(r["student"], key) is not None]
+    teacher_acc = {r["name"]: accuracy(r["teacher"], key) for r in done}
+    student_acc = {r["name"]: accuracy(r["student"], key) for r in done}
     pairs = [("ADS", "temperature"), (PERMUTED, "temperature"), ("ADS", PERMUTED)]
     out = []
-    graded = per_problem_grades(exp_dir, done)
+    graded = per_problem_grades(exp_dir, done, metric)
     if graded is not None:
         names, teacher, student = graded
         rng = np.random.default_rng(BOOTSTRAP_SEED)
@@ -179,7 +185,8 @@ def gap_line(g: dict) -> str:
     return f"- student({g['a']}) - student({g['b']}) at matched teacher accuracy: {g['gap']:+.1f} points{ci}"
 
 
-def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: list[dict] = ()) -> None:
+def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: list[dict] = (),
+                metric: str = "af") -> None:
     """Write the markdown report to a temporary name, then rename it to `path`."""
     lines = [
         "# Antidistillation sampling: sweep report",
@@ -204,18 +211,20 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: li
     if "eval_student_base" in entries:
         lines += ["", summary_line("Undistilled student on test", entries["eval_student_base"])]
     if gaps:
-        lines += ["", "Student-accuracy gap (af, percent points), curves interpolated over the teacher accuracy "
-                  "both series reach:", ""] + [gap_line(g) for g in gaps]
+        lines += ["", f"Student-accuracy gap ({metric}, percent points), curves interpolated over the teacher "
+                  "accuracy both series reach:", ""] + [gap_line(g) for g in gaps]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
 
 
-def plot_tradeoff(rows: list[dict], entries: dict[str, dict], path: Path, gaps: list[dict] = ()) -> None:
-    """Teacher af accuracy (x) against student af accuracy (y), one line per sampler through its rows."""
+def plot_tradeoff(rows: list[dict], entries: dict[str, dict], path: Path, gaps: list[dict] = (),
+                  metric: str = "af") -> None:
+    """Teacher accuracy (x) against student accuracy (y), one line per sampler through its rows."""
+    key, _, wording = METRICS[metric]
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for series, style in SERIES_STYLE.items():
-        points = [(accuracy(r["teacher"], "af_accuracy"), accuracy(r["student"], "af_accuracy"))
+        points = [(accuracy(r["teacher"], key), accuracy(r["student"], key))
                   for r in rows if r["series"] == series]
         points = sorted((x, y) for x, y in points if x is not None and y is not None)
         if not points and series == PERMUTED:
@@ -224,12 +233,12 @@ def plot_tradeoff(rows: list[dict], entries: dict[str, dict], path: Path, gaps: 
         ax.plot([x for x, _ in points], [y for _, y in points], linestyle="-", alpha=0.8,
                 label=f"{series} ({len(points)} rows)", **style)
     base, greedy = entries.get("eval_student_base"), entries.get("eval_teacher_base")
-    if accuracy(base, "af_accuracy") is not None:
-        ax.axhline(accuracy(base, "af_accuracy"), color="black", linestyle="--", label="undistilled student")
-    if accuracy(greedy, "af_accuracy") is not None:
-        ax.axvline(accuracy(greedy, "af_accuracy"), color="black", linestyle=":", label="teacher, greedy")
-    ax.set_xlabel("teacher accuracy, answer-forced (%)")
-    ax.set_ylabel("distilled student accuracy, answer-forced (%)")
+    if accuracy(base, key) is not None:
+        ax.axhline(accuracy(base, key), color="black", linestyle="--", label="undistilled student")
+    if accuracy(greedy, key) is not None:
+        ax.axvline(accuracy(greedy, key), color="black", linestyle=":", label="teacher, greedy")
+    ax.set_xlabel(f"teacher accuracy, {wording} (%)")
+    ax.set_ylabel(f"distilled student accuracy, {wording} (%)")
     main_gap = next((g for g in gaps if (g["a"], g["b"]) == ("ADS", "temperature")), None)
     ax.set_title("Teacher vs distilled-student accuracy" + ("" if main_gap is None else
                  f"\nADS - temperature at matched teacher accuracy: {main_gap['gap']:+.1f} points"), fontsize=10)
@@ -247,12 +256,14 @@ def plot_tradeoff(rows: list[dict], entries: dict[str, dict], path: Path, gaps: 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exp-dir", type=Path, required=True, help="experiment directory holding metadata/")
+    parser.add_argument("--metric", default="af", choices=sorted(METRICS),
+                        help="accuracy of the gap and the plot: af (answer-forced, the paper's; default) or raw")
     args = parser.parse_args(argv)
     entries = load_registry(args.exp_dir / "metadata" / "trace_registry.jsonl")
     rows = collect_rows(entries)
-    gaps = gap_summary(rows, args.exp_dir)
-    plot_tradeoff(rows, entries, args.exp_dir / "tradeoff.png", gaps)
-    write_table(rows, entries, args.exp_dir / "report.md", gaps)
+    gaps = gap_summary(rows, args.exp_dir, args.metric)
+    plot_tradeoff(rows, entries, args.exp_dir / "tradeoff.png", gaps, args.metric)
+    write_table(rows, entries, args.exp_dir / "report.md", gaps, args.metric)
     print(f"report.py: {len(rows)} grid rows -> {args.exp_dir}/report.md, {args.exp_dir}/tradeoff.png")
 
 

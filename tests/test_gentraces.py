@@ -207,3 +207,25 @@ def test_stale_chunks_from_another_config_are_not_reused(tiny_assets, tmp_path):
     (work / "chunk00000.jsonl").write_text('{"idx": 0, "completion": "stale"}\n')
     gentraces.main(base_args(tiny_assets, tmp_path, tau=0, max_samples=4))
     assert all(r["completion"] != "stale" for r in load_rows(tmp_path))
+
+
+def test_a_process_that_starts_after_the_traces_were_published_exits_instead_of_waiting(tmp_path):
+    """With more processes than chunks, the main process can write every chunk, publish the traces
+    and remove the work folder before a slow process even looks for it; that process has nothing to
+    do and must return, not wait for a fingerprint that is gone (seen on 2 GPUs: a hung eval stage)."""
+    import threading
+    import types
+    import utils
+    cfg = utils.load_config("gen_config.yaml", [f"exp_dir={tmp_path}", "trace_name=t"])
+    late = types.SimpleNamespace(is_main_process=False)
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(work=gentraces.prepare_workdir(cfg, late)), daemon=True)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()  # nothing published yet and no fingerprint: a started run is awaited
+    (tmp_path / "traces" / "t").mkdir(parents=True)
+    waiter.join(timeout=5)
+    assert not waiter.is_alive() and result["work"] is None
+    main = types.SimpleNamespace(is_main_process=True)
+    work = gentraces.prepare_workdir(cfg, main)
+    assert gentraces.prepare_workdir(cfg, late) == work  # a process on time still gets the folder

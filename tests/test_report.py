@@ -104,18 +104,42 @@ def test_curve_gap_is_the_mean_difference_over_the_shared_teacher_range():
     assert report.curve_gap(ads, [(50.0, 1.0)]) is None
 
 
-def write_graded_row(exp_dir, name, teacher, student, tau, lam, eps):
-    """Registry entries and per-problem parquet grades for one grid row (lists of 0/1 by idx)."""
+def write_graded_row(exp_dir, name, teacher, student, tau, lam, eps, student_raw=None):
+    """Registry entries and per-problem parquet grades for one grid row (lists of 0/1 by idx); the raw
+    grades equal the answer-forced ones unless student_raw gives the student's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     (exp_dir / "traces").mkdir(parents=True, exist_ok=True)
     lines = []
-    for who, grades, (t, l, e) in (("teacher", teacher, (tau, lam, eps)), ("student", student, (0, 0, 0))):
-        pq.write_table(pa.table({"idx": list(range(len(grades))), "af_correct": [bool(g) for g in grades]}),
+    for who, af, raw, (t, l, e) in (("teacher", teacher, teacher, (tau, lam, eps)),
+                                    ("student", student, student_raw or student, (0, 0, 0))):
+        pq.write_table(pa.table({"idx": list(range(len(af))), "af_correct": [bool(g) for g in af],
+                                 "raw_correct": [bool(g) for g in raw]}),
                        exp_dir / "traces" / f"eval_{who}_{name}.parquet")
-        acc = sum(grades) / len(grades)
-        lines.append(json.dumps(entry(f"eval_{who}_{name}", acc, acc, n=len(grades), tau=t, lam=l, eps=e)))
+        lines.append(json.dumps(entry(f"eval_{who}_{name}", sum(af) / len(af), sum(raw) / len(raw), n=len(af),
+                                      tau=t, lam=l, eps=e)))
     return lines
+
+
+def test_metric_raw_takes_the_gap_and_the_plot_from_the_answers_boxed_in_the_traces(tmp_path):
+    """A student that never learned the answer-forcing suffix: af grades all 0, raw grades carry
+    the signal (ADS students 40 points below temperature ones at equal teacher accuracy)."""
+    lines = []
+    for name, t, s, tau, lam in [("tau1.00e+00_lam0.00e+00_eps0.00e+00", 80, 70, 1.0, 0.0),
+                                 ("tau2.00e+00_lam0.00e+00_eps0.00e+00", 20, 40, 2.0, 0.0),
+                                 ("tau9.00e-01_lam1.00e-02_eps1.00e-02", 80, 30, 0.9, 0.01),
+                                 ("tau9.00e-01_lam1.00e-01_eps1.00e-02", 20, 0, 0.9, 0.1)]:
+        grades = lambda k: [1] * k + [0] * (100 - k)  # noqa: E731
+        lines += write_graded_row(tmp_path, name, grades(t), grades(0), tau, lam, 0.01 if lam else 0.0,
+                                  student_raw=grades(s))
+    write_registry(tmp_path, lines)
+    report.main(["--exp-dir", str(tmp_path)])
+    assert "ADS) - student(temperature) at matched teacher accuracy: +0.0 points" in (tmp_path / "report.md").read_text()
+    report.main(["--exp-dir", str(tmp_path), "--metric", "raw"])
+    text = (tmp_path / "report.md").read_text()
+    assert "Student-accuracy gap (raw, percent points)" in text
+    assert re.search(r"student\(ADS\) - student\(temperature\) at matched teacher accuracy: -40\.0 points "
+                     r"\(95% bootstrap CI -4\d\.\d to -3\d\.\d\)", text)
 
 
 def test_report_gives_the_ads_gap_with_a_bootstrap_interval_and_the_permutation_control(tmp_path):
