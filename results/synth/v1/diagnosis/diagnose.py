@@ -2,7 +2,7 @@
 question, is each equation's arithmetic right, and is each equation's second operand the number of the
 matching clause of the question? Reads the three trace files next to this script.
 
-    python results/synth/diagnosis/diagnose.py > results/synth/diagnosis/diagnosis.txt
+    python results/synth/v1/diagnosis/diagnose.py > results/synth/v1/diagnosis/diagnosis.txt
 """
 import re
 from pathlib import Path

@@ -5,8 +5,10 @@ scored greedily on 100 test problems. Formats: `equations` (the synth teacher's 
 (each clause of the question restated before its equation). `copy` adds restatements of the questions
 (their facts one per line: no arithmetic, no answer) to the pretraining text.
 
-    PYTHONPATH=. python results/synth/diagnosis/probe_student.py 800 800 plain equations,restated
-    PYTHONPATH=. python results/synth/diagnosis/probe_student.py 1200 800 copy restated
+It imports make_assets, whose synth profile has changed since: it ran at commit f6e4701.
+
+    PYTHONPATH=. python results/synth/v1/diagnosis/probe_student.py 800 800 plain equations,restated
+    PYTHONPATH=. python results/synth/v1/diagnosis/probe_student.py 1200 800 copy restated
 """
 import random
 import sys
