@@ -182,8 +182,11 @@ def test_killed_run_resumes_to_the_same_output(sig, after_chunks, tiny_assets, t
     args = base_args(tiny_assets, tmp_path / "killed", tau=1.0, lam=0.5, eps=1e-2, grad_path=grad_file[0],
                      batch_size=1, max_samples=12)
     work = tmp_path / "killed" / "traces" / ".t.work"
+    # a runner started in the background (`nohup ... &`) hands its children SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt: give the child the default disposition back
     proc = subprocess.Popen([sys.executable, str(REPO / "gentraces.py"), *args], env=ENV, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while len(list(work.glob("chunk*.jsonl"))) < after_chunks:
         assert proc.poll() is None, "finished before it could be interrupted"
         time.sleep(0.05)
