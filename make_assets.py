@@ -5,9 +5,10 @@ problems, answer forcing included. The proxy (Qwen2, the teacher's tokenizer, an
 width) and the student (Llama, Llama-3-style template, its own vocabulary) are base models pretrained
 on domain text. Deterministic data for a seed. Two profiles:
   tiny   the CI pipeline's assets: one-digit problems, sub-million-parameter models; about 70 s on 2 CPU cores
-  synth  the one-GPU reproduction: two-digit problems of 3-5 steps written in varied styles (room for
-         ADS to choose among correct tokens), a 25M-parameter teacher; 5M proxy and student pretrained
-         on the questions and on arithmetic facts, never on solutions; about 4 minutes on one H200
+  synth  the one-GPU reproduction: two-digit problems of 3-5 numbered events, traces written in varied
+         styles (room for ADS to choose among correct tokens); a 25M-parameter teacher, and a proxy and
+         a student of its size pretrained on the questions and on arithmetic facts, never on
+         solutions; 210 s on one H200
 
     python make_assets.py --out tiny_assets
     python make_assets.py --profile synth --out exp/synth/assets
