@@ -632,13 +632,14 @@ class Engine:
             real[i, width - len(p):] = True
         ids, real = ids.to(self.device), real.to(self.device)
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
-        # a pad query attends to itself only, so no softmax row is empty (NaN would leak through V)
-        mask = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)
+        mask = None  # prompts of one length need no mask: attention is plainly causal
+        if any(len(p) < width for p in prompts):
+            causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
+            # a pad query attends to itself only, so no softmax row is empty (NaN would leak through V)
+            mask = ((causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device))[:, None]
         token_rows, token_cols = real.nonzero(as_tuple=True)
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
-        padded = any(len(p) < width for p in prompts)
-        prefill = Prefill(positions, slot_t, token_rows, token_cols, mask[:, None] if padded else None)
+        prefill = Prefill(positions, slot_t, token_rows, token_cols, mask)
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.score[slot_t] = self.scores_of(self.forward(ids, positions, prefill), rows_t, torch.zeros_like(rows_t))
         self.seq_len[slot_t] = torch.tensor([len(p) for p in prompts], device=self.device)

@@ -123,6 +123,7 @@ def per_problem_grades(exp_dir: Path, rows: list[dict], metric: str = "af"):
     """(row names, teacher grades, student grades) as 0/1 arrays over the test problems that every
     complete row graded, in idx order; None when a parquet file is missing."""
     import pyarrow.parquet as pq
+    column = METRICS[metric][1]
     grades = {}
     for r in rows:
         if r["teacher"] is None or r["student"] is None:
@@ -132,7 +133,6 @@ def per_problem_grades(exp_dir: Path, rows: list[dict], metric: str = "af"):
             path = exp_dir / "traces" / f"eval_{who}_{r['name']}.parquet"
             if not path.is_file():
                 return None
-            column = METRICS[metric][1]
             table = pq.read_table(path, columns=["idx", column]).to_pydict()
             pair.append(dict(zip(table["idx"], table[column])))
         grades[r["name"]] = pair

@@ -67,10 +67,11 @@ def kill_tree(proc):
 @pytest.fixture(scope="module")
 def runs(tiny_assets, tmp_path_factory):
     """Two tiny pipelines at once, on the same assets, with different EXP_DIRs and one shared, fresh
-    TMPDIR: `whole` runs uninterrupted, its grid rows side by side (PARALLEL=3, the loops dealt over ROW_GPUS=0,1), while `killed` runs
-    them one after another and is SIGKILLed during its last generation stage and rerun. One pair of
-    runs serves four checks: the rerun's report against an uninterrupted run's, parallel rows against
-    serial ones, two concurrent pipelines against each other, and what they leave in the shared TMPDIR.
+    TMPDIR: `whole` runs uninterrupted, its grid rows side by side (PARALLEL=3, the loops dealt over
+    ROW_GPUS=0,1), while `killed` runs them one after another and is SIGKILLed during its last
+    generation stage and rerun. One pair of runs serves four checks: the rerun's report against an
+    uninterrupted run's, parallel rows against serial ones, two concurrent pipelines against each
+    other, and what they leave in the shared TMPDIR.
     Side by side they cost CI little more than one: a tiny pipeline leaves much of 2 cores idle
     (process starts, single-process stages); measured ~400 s for the pair, ~320 s for one alone."""
     root = tmp_path_factory.mktemp("pipeline")
