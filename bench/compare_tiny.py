@@ -7,6 +7,7 @@ writes it as JSON.
 import argparse
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +26,7 @@ def compare_traces(a_path, b_path):
     if list(a.index) != list(b.index):
         return {"same_prompts": False, "n": [len(a), len(b)]}
     same = a["completion"] == b["completion"]
-    first_diff = [next(i for i, (x, y) in enumerate(zip(s, t + "\0")) if x != y)
-                  for s, t in zip(a["completion"][~same], b["completion"][~same])]
+    first_diff = [len(os.path.commonprefix([s, t])) for s, t in zip(a["completion"][~same], b["completion"][~same])]
     return {"same_prompts": True, "n": len(a), "identical_completions": int(same.sum()),
             "identical_forced": int((a["forced"] == b["forced"]).sum()),
             "af_accuracy": [float(a["af_correct"].mean()), float(b["af_correct"].mean())],
