@@ -11,6 +11,8 @@ so neither the batch a row lands in nor its slot changes its sample), at a fract
 - one decode step (teacher + both proxies + ADS score + sort-free top-k/top-p sampling + EOS and
   budget bookkeeping) is one CUDA graph replay, with each block, the score and the sampler fused by
   torch.compile while the graph is recorded; the host looks at the rows only every `check_every` steps;
+- the Triton kernels (decode attention, the top-p search) take the layout that times fastest on this
+  GPU for these shapes, chosen once per process before the step is recorded;
 - a finished row's slot is refilled with the next prompt (prefilled outside the graph), so the batch
   stays full while trace lengths vary; results come back in input order.
 On CPU the same code runs eagerly.  Usage:
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
 from sampling import ads_score, fd_delta, filter_top_k_top_p, generate_reference, permute_vocab, row_uniforms
@@ -38,6 +41,9 @@ ATTENTION_NAME = "ads_slots"
 SEARCH_WAYS = 16          # thresholds tested per pass of the top-p search
 SEARCH_PASSES = 8         # 16**8 = 2**32 covers every float32 bit pattern
 PREFILL_TOKENS = 16384    # padded prompt tokens per prefill call (bounds activation memory)
+# prefill attention kernels, in order of preference.  cuDNN's is left out: it builds an execution
+# plan for every new batch and prompt width, and prefill shapes change with every refill
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # attention over static slot caches
@@ -100,14 +106,13 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, slot
     r, c = p.token_rows, p.token_cols
     k_cache[p.slots[r], :, p.positions[r, c]] = key[r, :, c]
     v_cache[p.slots[r], :, p.positions[r, c]] = value[r, :, c]
-    if p.mask is None:  # prompts of one length: plain causal attention, which has a flash kernel
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-    else:
-        # with a mask, grouped-query SDPA falls back to the math kernel; expanded K/V (prompt-sized,
-        # so small) keep the memory-efficient one
-        group = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=p.mask, scale=scaling)
+    # K/V expanded to every query head (prompt-sized, so cheap): the flash and memory-efficient
+    # kernels do not all take grouped-query inputs; prompts of one length need no mask
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    with sdpa_kernel(PREFILL_BACKENDS):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=p.mask, is_causal=p.mask is None,
+                                             scale=scaling)
     return out.transpose(1, 2), None
 
 
@@ -152,19 +157,27 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, scale):
     return (probs @ v).reshape(n, heads, dim).to(q.dtype)
 
 
-SPLIT_KEYS = 128      # keys per program of the split-K decode kernel
-BLOCK_KEYS = 64       # keys per inner iteration
+# (keys per program, keys per inner iteration, warps, pipeline stages) of the split-K decode kernel
+ATTENTION_DEFAULT = (128, 64, 4, 3)
+ATTENTION_CONFIGS = [ATTENTION_DEFAULT, (64, 64, 4, 3), (256, 64, 4, 3), (256, 128, 8, 3), (128, 32, 4, 3),
+                     (128, 128, 8, 2), (512, 64, 4, 3), (256, 64, 8, 4)]
 
 
-def decode_attention_triton(q, k_cache, v_cache, lengths, scale):
+def attention_key(q, k_cache):
+    return ("attention", *q.shape, *k_cache.shape[1:], q.dtype)
+
+
+def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
     """Flash-decoding: programs over (row, kv head, key split) each read only filled positions and
-    keep a partial softmax; the splits are merged here.  Graph-safe: lengths stay on the device."""
+    keep a partial softmax; the splits are merged here.  Graph-safe: lengths stay on the device.
+    config: (keys per program, keys per iteration, warps, stages); default: the tuned one."""
     q = q.contiguous()  # the kernel assumes unit stride along dim
     n, heads, dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     padded = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
-    splits = triton.cdiv(max_len, SPLIT_KEYS)
+    split, block, warps, stages = config or TUNED.get(attention_key(q, k_cache), ATTENTION_DEFAULT)
+    splits = triton.cdiv(max_len, split)
     acc = torch.empty((n, kv_heads, splits, padded, dim), dtype=torch.float32, device=q.device)
     top = torch.empty((n, kv_heads, splits, padded), dtype=torch.float32, device=q.device)
     total = torch.empty_like(top)
@@ -172,8 +185,8 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale):
         q, k_cache, v_cache, lengths, acc, top, total,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale,
-        GROUP=group, PADDED=padded, DIM=dim, BLOCK_N=BLOCK_KEYS, SPLIT=SPLIT_KEYS,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        GROUP=group, PADDED=padded, DIM=dim, BLOCK_N=block, SPLIT=split,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     out = torch.empty_like(q)
     _merge_splits[(n, kv_heads)](acc, top, total, out, out.stride(0), out.stride(1),
                                  SPLITS=splits, GROUP=group, PADDED=padded, DIM=dim)
@@ -239,17 +252,23 @@ if triton is not None:
                  mask=(g < GROUP)[:, None])
 
     @triton.jit
-    def _mass_above(P, Cand, Out, vocab, stride, WAYS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
-        """Out[row, chunk, j] = sum of P[row, i] over this chunk's i with bits(P) > Cand[row, j]."""
+    def _mass_above(P, Cand, Out, vocab, stride, WAYS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                    COLUMN: tl.constexpr = False):
+        """Out[row, chunk, j] = sum of P[row, i] over this chunk's i with bits(P) > Cand[row, j].
+        COLUMN loads each sub-block as a (SUB, 1) column, so the broadcast against the candidates
+        needs no change of register layout (which of the two is faster depends on the GPU)."""
         row, chunk = tl.program_id(0), tl.program_id(1)
-        cand = tl.load(Cand + row * WAYS + tl.arange(0, WAYS))
+        cand = tl.load(Cand + row * WAYS + tl.arange(0, WAYS))[None, :]
         # reduce across threads once at the end, not per sub-block
         sums = tl.zeros([SUB, WAYS], tl.float32)
         for i in tl.static_range(0, CHUNK, SUB):
-            idx = chunk * CHUNK + i + tl.arange(0, SUB)
-            p = tl.load(P + row.to(tl.int64) * stride + idx, mask=idx < vocab, other=0.0)
-            bits = p.to(tl.int32, bitcast=True)
-            sums += tl.where(bits[:, None] > cand[None, :], p[:, None], 0.0)
+            if COLUMN:
+                idx = chunk * CHUNK + i + tl.arange(0, SUB)[:, None]
+                p = tl.load(P + row.to(tl.int64) * stride + idx, mask=idx < vocab, other=0.0)
+            else:
+                idx = chunk * CHUNK + i + tl.arange(0, SUB)
+                p = tl.load(P + row.to(tl.int64) * stride + idx, mask=idx < vocab, other=0.0)[:, None]
+            sums += tl.where(p.to(tl.int32, bitcast=True) > cand, p, 0.0)
         tl.store(Out + (row * tl.num_programs(1) + chunk) * WAYS + tl.arange(0, WAYS), tl.sum(sums, 0))
 
 
@@ -400,14 +419,22 @@ class Stack:
 
 # sort-free nucleus sampling
 
-def mass_above(probs, cand):
-    """(B, W) sums of the probabilities whose float32 bit pattern exceeds each candidate."""
+# (elements per program, elements per iteration, warps, column loads) of the top-p search kernel
+MASS_DEFAULT = (4096, 256, 8, False)
+MASS_CONFIGS = [MASS_DEFAULT, (4096, 256, 8, True), (2048, 512, 4, False), (2048, 512, 4, True),
+                (1024, 1024, 8, False), (1024, 1024, 8, True), (8192, 512, 8, True), (1024, 256, 4, False)]
+
+
+def mass_above(probs, cand, config=None):
+    """(B, W) sums of the probabilities whose float32 bit pattern exceeds each candidate.
+    config: one of MASS_CONFIGS; default: the tuned one."""
     if probs.is_cuda and triton is not None:
-        chunk, sub = 4096, 256
+        chunk, sub, warps, column = config or TUNED.get(("mass", *probs.shape), MASS_DEFAULT)
         chunks = triton.cdiv(probs.shape[1], chunk)
         part = torch.empty((probs.shape[0], chunks, cand.shape[1]), dtype=torch.float32, device=probs.device)
         _mass_above[(probs.shape[0], chunks)](probs, cand.contiguous(), part, probs.shape[1], probs.stride(0),
-                                             WAYS=cand.shape[1], CHUNK=chunk, SUB=sub, num_warps=8)
+                                             WAYS=cand.shape[1], CHUNK=chunk, SUB=sub, COLUMN=column,
+                                             num_warps=warps)
         return part.sum(1)
     bits = probs.view(torch.int32)
     return torch.stack([torch.where(bits > c[:, None], probs, 0.0).sum(-1) for c in cand.unbind(-1)], -1)
@@ -448,6 +475,40 @@ def sample_tokens(scores, u, top_k=0, top_p=1.0, filtered=nucleus_probs):
     probs = filtered(scores, top_k, top_p)
     cdf = probs.cumsum(-1)
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
+# kernel tuning: the fastest layout of each Triton kernel depends on the GPU and the shapes
+
+TUNED = {}               # kernel key -> config, filled by Engine.tune() before the step is compiled
+TUNING_LOG = []          # what each tuning measured (benchmarks report it)
+TUNE_MIN_VOCAB = 32768   # smaller models run tiny kernels: the compiles would cost more than they save
+TUNE_REPS = 20
+
+
+def tune(key, configs, run):
+    """Time run(config) for each config (after one compiling run) and keep the fastest in TUNED[key].
+    A config that fails to build (e.g. needs more shared memory than the GPU has) or whose output
+    differs from the first config's is skipped, so the result is never wrong, only slower."""
+    if key in TUNED:
+        return
+    want = run(configs[0]).float()
+    times = {}
+    for config in configs:
+        try:
+            got = run(config)
+        except Exception:
+            continue
+        if not torch.allclose(got.float(), want, rtol=1e-2, atol=1e-3):
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(TUNE_REPS):
+            run(config)
+        end.record()
+        end.synchronize()
+        times[config] = start.elapsed_time(end) / TUNE_REPS
+    TUNED[key] = min(times, key=times.get)
+    TUNING_LOG.append(dict(key=str(key), chose=str(TUNED[key]), ms={str(c): round(t, 4) for c, t in times.items()}))
 
 
 # the engine
@@ -563,6 +624,28 @@ class Engine:
         self.score.copy_(self.scores_fn(self.decode_logits(feed, pos), self.row_id, self.n_gen))
         self.seq_len.add_((~self.done).long())
 
+    def tune(self):
+        """Pick the decode attention and top-p search layouts for this engine's shapes (TUNED),
+        timed on random data of those shapes at full cache length."""
+        if triton is None or self.device.type != "cuda" or self.vocab < TUNE_MIN_VOCAB:
+            return
+        for nets, stack in self.groups:
+            cfg = nets[0].config
+            dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            if not _triton_head_dim(dim):
+                continue
+            rows = self.slots * (len(nets) if stack is not None else 1)
+            like = dict(dtype=nets[0].get_output_embeddings().weight.dtype, device=self.device)
+            q = torch.randn(rows, cfg.num_attention_heads, dim, **like)
+            k, v = (torch.randn(rows, cfg.num_key_value_heads, self.max_len, dim, **like) for _ in range(2))
+            lengths = torch.full((rows,), self.max_len, device=self.device)
+            tune(attention_key(q, k), ATTENTION_CONFIGS,
+                 lambda c: decode_attention_triton(q, k, v, lengths, dim ** -0.5, c))
+        if not self.params.greedy and self.params.top_p < 1.0:
+            probs = torch.softmax(3 * torch.randn(self.slots, self.vocab, device=self.device), -1)
+            cand = probs.view(torch.int32)[:, :SEARCH_WAYS].sort(-1).values
+            tune(("mass", *probs.shape), MASS_CONFIGS, lambda c: mass_above(probs, cand, c))
+
     def capture(self, compile_layers=True):
         """Record step() as one CUDA graph.  The warm-up runs compile the kernels on a side stream
         while every slot is still empty (done), so they leave no trace in the results.  With
@@ -570,6 +653,7 @@ class Engine:
         torch.compile while the graph is recorded (fusing norms, rotary, activations and the passes
         over B x V); prefill stays eager.  A compiler failure must not stop generation: then the
         score and filter, and if that is not enough the blocks too, fall back to eager kernels."""
+        self.tune()
         blocks = [b for nets, stack in self.groups if stack is None for net in nets for b in decoder_layers(net)]
         tiers = [("blocks, score and filter", True, True), ("blocks", True, False)] if compile_layers else []
         try:

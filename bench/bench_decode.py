@@ -197,8 +197,15 @@ def time_hf(teacher, proxies, params, batch):
                 note="one generate call over the full workload; per-step time between the first and last step's scores")
 
 
+def kernel_table(prof, per):
+    """(name, calls, device us) per `per` units, heaviest first: the profile kept in the JSON."""
+    rows = [(e.key, e.count / per, e.device_time_total / per) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def profile_step(models, params, batch):
-    """Kernel-level profile of replays of the captured decode step (where the time goes)."""
+    """Kernel-level profiles of replays of the captured decode step and of one prefill call (as many
+    prompts as generate puts in one: PREFILL_TOKENS), i.e. where the time goes."""
     from torch.profiler import ProfilerActivity, profile
     prompts = random_prompts(batch, args.prompt_len, 5)
     eng = engine.Engine(models, params, batch, args.prompt_len + 64, 64)
@@ -206,18 +213,25 @@ def profile_step(models, params, batch):
     with engine.slot_attention_on(nets), torch.no_grad():
         eng.capture()
         eng.prefill(list(range(batch)), prompts, list(range(batch)), [64] * batch)
+        torch.cuda.synchronize()
+        group = min(batch, engine.PREFILL_TOKENS // args.prompt_len)
+        with profile(activities=[ProfilerActivity.CUDA]) as pre:
+            eng.prefill(list(range(group)), prompts[:group], list(range(group)), [64] * group)
+            torch.cuda.synchronize()
         eng.advance(8)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             eng.advance(16)
             torch.cuda.synchronize()
     eng.release()
-    events = [e for e in prof.key_averages()]
-    kernels = sum(e.count for e in events) / 16
-    total = sum(e.device_time_total for e in events) / 16
-    print(f"profile batch {batch}: {kernels:.0f} kernels/step, {total / 1e3:.2f} ms GPU/step")
-    print(prof.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=70))
-    return dict(kernels_per_step=kernels, gpu_ms_per_step=total / 1e3)
+    step, prefill = kernel_table(prof, 16), kernel_table(pre, 1)
+    for label, table in (("step", step), (f"prefill of {group} prompts", prefill)):
+        print(f"profile batch {batch} {label}: {sum(r[1] for r in table):.0f} kernels, "
+              f"{sum(r[2] for r in table) / 1e3:.2f} ms GPU")
+        for name, calls, us in table[:40]:
+            print(f"{us:10.1f} us {calls:7.1f}x  {name[:110]}")
+    return dict(kernels_per_step=sum(r[1] for r in step), gpu_ms_per_step=sum(r[2] for r in step) / 1e3,
+                prefill_gpu_ms=sum(r[2] for r in prefill) / 1e3, step_kernels=step, prefill_kernels=prefill)
 
 
 def largest_batch(models, per_slot_tokens):
@@ -232,7 +246,8 @@ def main():
     stages = args.stages.split(",")
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    transformers=__import__("transformers").__version__,
-                   prompt_len=args.prompt_len, new_tokens=args.new, params_ads=vars(ADS), params_plain=vars(PLAIN))
+                   prompt_len=args.prompt_len, new_tokens=args.new, params_ads=vars(ADS), params_plain=vars(PLAIN),
+                   tuning=engine.TUNING_LOG)  # filled as the engine tunes its kernels (saved with each stage)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -266,16 +266,19 @@ import torch, engine
 torch.manual_seed(0)
 q, kc, vc = torch.randn(3, 6, 32), torch.randn(3, 2, 300, 32), torch.randn(3, 2, 300, 32)
 lengths = torch.tensor([1, 130, 300])
-a = engine.decode_attention_triton(q, kc, vc, lengths, 0.17)
 b = engine.decode_attention_torch(q, kc, vc, lengths, 0.17)
-assert ((a - b).norm() / b.norm()) < 1e-5
+for config in engine.ATTENTION_CONFIGS:
+    a = engine.decode_attention_triton(q, kc, vc, lengths, 0.17, config)
+    assert ((a - b).norm() / b.norm()) < 1e-5, config
 probs = torch.softmax(torch.randn(4, 9000) * 3, -1)
 cand = probs.view(torch.int32)[:, :16].sort(-1).values.contiguous()
-part = torch.empty(4, 3, 16)
-engine._mass_above[(4, 3)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=4096, SUB=256)
 bits = probs.view(torch.int32)
 want = torch.stack([torch.where(bits > c[:, None], probs, 0.).sum(-1) for c in cand.unbind(-1)], -1)
-assert torch.allclose(part.sum(1), want, atol=1e-5)
+for chunk, sub, _, column in engine.MASS_CONFIGS:
+    n = -(-9000 // chunk)
+    part = torch.empty(4, n, 16)
+    engine._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
+    assert torch.allclose(part.sum(1), want, atol=1e-5), (chunk, sub, column)
 """
 
 
