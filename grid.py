@@ -30,12 +30,13 @@ GRIDS = {
         "controls": ["permute"],
     },
     # pipeline_synth.sh: 6 temperature rows (tau 0.9 with lam 0, and five hotter) and 7 ADS rows, each
-    # again with its penalty permuted: 20 rows.  Placed after a first run on one H200 (5M proxy), where
-    # tau 1.25 kept the teacher at 94% and tau 2.25 left it at 5%, ADS fell from 90% to 8% between lam
-    # 0.005 and 0.01, and permuted ADS from 87% to 32% between lam 0.01 and 0.02
+    # again with its penalty permuted: 20 rows.  Placed after a two-GPU run of this task, where the
+    # teacher kept 88% at tau 1.5, 52% at 1.75 and 7% at 2.0, ADS fell from 77% to 10% between lam
+    # 0.01 and 0.015 and permuted ADS to 42% at lam 0.02: the middle band of teacher accuracy, where
+    # that run's gap came from, now has rows of every series
     "synth": {
-        "taus": [0.9, 1.25, 1.5, 1.75, 2.0, 2.25],
-        "lam_over_eps": [0, 0.25, 0.5, 0.75, 1, 1.5, 2, 4],
+        "taus": [0.9, 1.25, 1.5, 1.65, 1.85, 2.0],
+        "lam_over_eps": [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2],
         "eps": 1e-2,
         "controls": ["permute"],
     },

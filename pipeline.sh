@@ -101,6 +101,21 @@ run_row() {
     fi
 }
 
+# references: the teacher greedy on the test split, and the undistilled student (the plot's baseline);
+# they need no grid row, so with parallel rows they run beside them
+run_references() {
+    if [[ ! -d $TRACES/eval_teacher_base ]]; then
+        stage "teacher greedy eval"
+        gentraces teacher="$TEACHER" data_split="${DATASET}_test" tau=0 lam=0 \
+            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_teacher_base
+    fi
+    if [[ ! -d $TRACES/eval_student_base ]]; then
+        stage "undistilled student eval"
+        gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \
+            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_student_base
+    fi
+}
+
 # rows are dealt round-robin to PARALLEL loops; a failed row stops its loop and fails the pipeline
 # once the other loops are done (their finished rows are kept, so a rerun does only what is left)
 row_loop() {
@@ -112,8 +127,10 @@ row_loop() {
 }
 if ((PARALLEL == 1)); then
     row_loop 0
+    run_references
 else
-    PIDS=()
+    (run_references) > >(sed -u "s/^/[references] /") 2>&1 &
+    PIDS=($!)
     for ((j = 0; j < PARALLEL; j++)); do
         (
             if ((${#GPU_LIST[@]})); then
@@ -126,19 +143,7 @@ else
     done
     FAILED=0
     for pid in "${PIDS[@]}"; do wait "$pid" || FAILED=1; done
-    ((FAILED == 0)) || { echo "pipeline: a grid row failed; see the [rows N] lines above" >&2; exit 1; }
-fi
-
-# references: the teacher greedy on the test split, and the undistilled student (the plot's baseline)
-if [[ ! -d $TRACES/eval_teacher_base ]]; then
-    stage "teacher greedy eval"
-    gentraces teacher="$TEACHER" data_split="${DATASET}_test" tau=0 lam=0 \
-        max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_teacher_base
-fi
-if [[ ! -d $TRACES/eval_student_base ]]; then
-    stage "undistilled student eval"
-    gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \
-        max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_student_base
+    ((FAILED == 0)) || { echo "pipeline: a grid row or a reference failed; see the [rows N] and [references] lines above" >&2; exit 1; }
 fi
 
 # report: table and trade-off plot over every row finished so far (all shards share EXP_DIR)

@@ -3,11 +3,12 @@
 # the same teacher accuracy? make_assets.py --profile synth trains a 25M Qwen2 teacher on synthetic
 # two-digit word problems and pretrains a proxy (Qwen2) and a student (Llama) of its size on the
 # questions and on arithmetic facts, never on solutions; then the 20-row synth grid (temperature, ADS,
-# ADS with the penalty permuted) runs 10 rows at a time, and the report compares the curves.
+# ADS with the penalty permuted) runs every row at once (the models are small, so the row processes
+# share the GPU), and the report compares the curves.
 #
-#   EXP_DIR=exp/synth bash pipeline_synth.sh                            # one H200
-#   EXP_DIR=exp/synth PARALLEL=20 ROW_GPUS=0,1 bash pipeline_synth.sh   # two GPUs: every row at once
-#   ASSETS_PROFILE=tiny GRID=tiny PARALLEL=2 bash pipeline_synth.sh        # the same driver on CPU, in minutes
+#   EXP_DIR=exp/synth bash pipeline_synth.sh                    # one H200
+#   EXP_DIR=exp/synth ROW_GPUS=0,1 bash pipeline_synth.sh       # rows dealt over two GPUs
+#   ASSETS_PROFILE=tiny GRID=tiny PARALLEL=2 bash pipeline_synth.sh   # the same driver on CPU, in minutes
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,7 +20,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many small processes share the 
 python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 
 export TEACHER=$ASSETS/teacher PROXY=$ASSETS/proxy STUDENT=$ASSETS/student STUDENT_TOKENIZER=$ASSETS/student
-export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512} PARALLEL=${PARALLEL:-10}
+export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
+export PARALLEL=${PARALLEL:-$(python grid.py --grid "$GRID" | wc -l)}   # every row at once
 # one process per stage: the models are small, so rows run side by side instead of across GPUs
 export LAUNCH=${LAUNCH:-"accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"}
 # prompts are <= 120 tokens and clean traces <= 85; fp32 keeps eps * g exact in the perturbed proxies;
@@ -29,9 +31,10 @@ export GRAD_ARGS="batch_size=64 max_length=320 ${GRAD_ARGS:-}"
 # full fine-tuning (lora_r=0): the student's output rows for the trace's words (</think>, \boxed, the
 # closings) were never trained in pretraining, and adapters cannot reach them; with LoRA (r 64, 3 epochs)
 # a first run left the student at 6% after distilling 95%-accurate traces.  8 epochs of 7,000 traces:
-# the teacher needed ~180k examples to learn the task from scratch, the pretrained student gets 56k
+# the teacher needed ~180k examples to learn the task from scratch, the pretrained student gets 56k;
+# the holdout loss every second epoch
 export TRAIN_ARGS="lora_r=0 learning_rate=1e-3 max_length=320 epochs=8 global_batch_size=64 per_device_batch_size=64 \
-eval_every=1 dtype=float32 ${TRAIN_ARGS:-}"
+eval_every=2 dtype=float32 ${TRAIN_ARGS:-}"
 # the report's gap and plot use the answer boxed in the trace: the synth students never met the
 # answer-forcing suffix (a real base model has seen such text), so their forced answers are noise
 # (a first two-GPU run: distilled students 98% boxed, 15% forced)

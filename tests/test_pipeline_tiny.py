@@ -201,10 +201,17 @@ def test_killed_and_rerun_pipeline_reports_what_an_uninterrupted_one_does(runs):
     assert killed == whole  # name, split, model, tau, lam, eps, n, raw and af accuracy of every trace
 
 
-def test_parallel_row_loops_each_ran_a_row(runs):
+def test_parallel_row_loops_each_ran_a_row_and_the_references_ran_beside_them(runs):
     log = runs.whole_log.read_text()
-    starts = {line.split("]")[0] + "]" for line in log.splitlines() if re.match(r"\[rows \d\] == .*: train traces", line)}
+    lines = log.splitlines()
+    starts = {line.split("]")[0] + "]" for line in lines if re.match(r"\[rows \d\] == .*: train traces", line)}
     assert starts == {"[rows 0]", "[rows 1]", "[rows 2]"}
+    # the references started before the last row's last stage, not after all rows
+    first_reference = next(i for i, line in enumerate(lines) if line.startswith("[references] == "))
+    last_row_stage = max(i for i, line in enumerate(lines) if re.match(r"\[rows \d\] == ", line))
+    assert first_reference < last_row_stage
+    assert [line.split(" ", 3)[3] for line in lines if line.startswith("[references] == ")] == \
+        ["teacher greedy eval", "undistilled student eval"]
     # ROW_GPUS=0,1 deals the loops over the GPUs round-robin (on CPU the variable is simply unused)
     assert sorted(re.findall(r"^\[rows (\d)\] on GPU (\d)$", log, re.M)) == [("0", "0"), ("1", "1"), ("2", "0")]
 
