@@ -5,7 +5,7 @@ completions and every student's train summary. Prints (1) each student's loss on
 holdout traces, (2) the step-style and closing mix of the correct teacher traces of each row, (3) the
 raw-accuracy gap with each grid row left out in turn.
 
-    python results/synth/analysis/analyze.py > results/synth/analysis/analysis.txt
+    python results/synth/v2/analysis/analyze.py > results/synth/v2/analysis/analysis.txt
 """
 import re
 import sys
@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[2]))
+sys.path.insert(0, str(HERE.parents[3]))
 import report  # noqa: E402
 
 STYLES = {"compact": r"\d+[+-]\d+=\d+", "spaced": r"\d+ [+-] \d+ = \d+", "words": r"\d+ (plus|minus) \d+ is \d+"}
