@@ -261,6 +261,34 @@ def test_jvp_mode_falls_back_to_the_reference_with_a_notice(teacher, proxies, pr
     assert got == (want_a[0] + want_b[0], want_a[1] + want_b[1])
 
 
+def test_tuning_keeps_the_fastest_layout_whose_output_matches_the_default():
+    """Layouts are timed on the GPU; here a stand-in timer reports each layout's cost, so the choice
+    itself is checked: a layout that fails to build or computes something else is never picked."""
+    cost = {"default": 3.0, "slower": 4.0, "fast": 1.0, "fastest_but_wrong": 0.5, "fails": 0.1}
+    ran = []
+
+    def run(layout):
+        ran.append(layout)
+        if layout == "fails":
+            raise RuntimeError("out of resources: shared memory")
+        return torch.arange(6.0) + (1.0 if layout == "fastest_but_wrong" else 0.0)
+
+    def timer(fn):
+        fn()
+        return cost[ran[-1]]
+
+    key = ("test-layouts", 6)
+    engine.TUNED.pop(key, None)
+    try:
+        engine.tune(key, list(cost), run, timer)
+        assert engine.TUNED[key] == "fast"
+        ran.clear()
+        engine.tune(key, list(cost), run, timer)  # tuned once per process
+        assert ran == []
+    finally:
+        engine.TUNED.pop(key, None)
+
+
 KERNEL_CHECK = """
 import torch, engine
 torch.manual_seed(0)
