@@ -21,8 +21,8 @@ python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 
 export TEACHER=$ASSETS/teacher PROXY=$ASSETS/proxy STUDENT=$ASSETS/student STUDENT_TOKENIZER=$ASSETS/student
 export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
-# half the rows at once: all 20 on one H200 ran out of GPU memory (9 distill stages failed to start
-# while the other row processes held 6-29 GiB each), and the GPU was already busy (SM 70% on average)
+# half the rows at once: all 20 on one H200 ran out of GPU memory (the last 9 distill stages failed to
+# start while the 11 already training held 6-29 GiB each), and the GPU was busy (SM 70% on average)
 export PARALLEL=${PARALLEL:-10}
 # one process per stage: the models are small, so rows run side by side instead of across GPUs
 export LAUNCH=${LAUNCH:-"accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"}
