@@ -42,13 +42,18 @@ def descendants(pid):
 
 
 def kill_during_stage(env, exp, stage):
-    """Run the pipeline and SIGKILL it and every process under it once `stage` has started decoding."""
-    proc = subprocess.Popen(["bash", str(REPO / "pipeline_tiny.sh")], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Run the pipeline and SIGKILL it and every process under it once `stage` has started decoding.
+    Its output goes to EXP_DIR's sibling `<name>.first.log`, whose tail a failure shows."""
+    log_path = exp.parent / f"{exp.name}.first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["bash", str(REPO / "pipeline_tiny.sh")], env=env, cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
     work = exp / "traces" / f".{stage}.work"
     deadline = time.time() + 1200
     while not work.exists():
-        assert proc.poll() is None and time.time() < deadline, "pipeline ended before the stage started"
+        if proc.poll() is not None or time.time() > deadline:
+            kill_tree(proc)
+            pytest.fail(f"pipeline ended before the stage started:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.05)
     kill_tree(proc)  # every descendant: torchrun's workers leave the process group
     time.sleep(1.0)
