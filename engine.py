@@ -164,6 +164,7 @@ ATTENTION_CONFIGS = [ATTENTION_DEFAULT, (64, 64, 4, 3), (256, 64, 4, 3), (256, 1
 
 
 def attention_key(q, k_cache):
+    """TUNED's key of a decode attention call."""
     return ("attention", *q.shape, *k_cache.shape[1:], q.dtype)
 
 
@@ -425,11 +426,16 @@ MASS_CONFIGS = [MASS_DEFAULT, (4096, 256, 8, True), (2048, 512, 4, False), (2048
                 (1024, 1024, 8, False), (1024, 1024, 8, True), (8192, 512, 8, True), (1024, 256, 4, False)]
 
 
+def mass_key(probs):
+    """TUNED's key of a top-p search over probs."""
+    return ("mass", *probs.shape)
+
+
 def mass_above(probs, cand, config=None):
     """(B, W) sums of the probabilities whose float32 bit pattern exceeds each candidate.
     config: one of MASS_CONFIGS; default: the tuned one."""
     if probs.is_cuda and triton is not None:
-        chunk, sub, warps, column = config or TUNED.get(("mass", *probs.shape), MASS_DEFAULT)
+        chunk, sub, warps, column = config or TUNED.get(mass_key(probs), MASS_DEFAULT)
         chunks = triton.cdiv(probs.shape[1], chunk)
         part = torch.empty((probs.shape[0], chunks, cand.shape[1]), dtype=torch.float32, device=probs.device)
         _mass_above[(probs.shape[0], chunks)](probs, cand.contiguous(), part, probs.shape[1], probs.stride(0),
@@ -648,7 +654,7 @@ class Engine:
         if not self.params.greedy and self.params.top_p < 1.0:
             probs = torch.softmax(3 * torch.randn(self.slots, self.vocab, device=self.device), -1)
             cand = probs.view(torch.int32)[:, :SEARCH_WAYS].sort(-1).values
-            tune(("mass", *probs.shape), MASS_CONFIGS, lambda c: mass_above(probs, cand, c))
+            tune(mass_key(probs), MASS_CONFIGS, lambda c: mass_above(probs, cand, c))
 
     def capture(self, compile_layers=True):
         """Record step() as one CUDA graph.  The warm-up runs compile the kernels on a side stream

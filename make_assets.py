@@ -8,7 +8,7 @@ on domain text. Deterministic data for a seed. Two profiles:
   synth  the one-GPU reproduction: two-digit problems of 3-5 numbered events, traces written in varied
          styles (room for ADS to choose among correct tokens); a 25M-parameter teacher, and a proxy and
          a student of its size pretrained on the questions and on arithmetic facts, never on
-         solutions; 210 s on one H200
+         solutions; about 4 minutes on one H200 (210 and 242 s in two runs)
 
     python make_assets.py --out tiny_assets
     python make_assets.py --profile synth --out exp/synth/assets

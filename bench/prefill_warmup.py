@@ -1,7 +1,7 @@
 """Is the engine's first prefill in a process slower than later ones, and is cuDNN's attention the
 cause? Three engine.generate calls in a row on one H200 (ADS, batch 192, prompt 256, 32 new tokens,
-eager kernels), each timing its prefill; --sdpa torch lets prefill attention use every SDPA kernel
-(cuDNN's first, as torch prefers on Hopper), --sdpa engine the engine's own list (no cuDNN).  Run
+eager kernels), each timing its prefill; --sdpa torch lets prefill attention use every SDPA kernel,
+cuDNN's listed first, --sdpa engine the engine's own list (no cuDNN).  Run
 each choice in a process of its own, since only the first call in a process is cold.
 
     cd bench && python prefill_warmup.py --sdpa torch && python prefill_warmup.py --sdpa engine
