@@ -14,7 +14,12 @@ import shutil
 from functools import partial
 from pathlib import Path
 
-import torch
+# Batches vary in width, so the caching allocator would keep blocks of every size; expandable segments
+# stop that cache from growing, which matters when several students share one GPU (pipeline_synth.sh).
+# Read at the first CUDA allocation, so it must be set before then.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 from utils import (atomic_publish_dir, atomic_write_text, die, load_config, load_model, load_tokenizer,
                    load_traces, log, require_positive, run_cli, seed_everything, to_yaml, tokenize_traces,
@@ -124,8 +129,19 @@ def training_args(cfg, accum, eval_steps, has_eval, dtype):
         use_cpu=not torch.cuda.is_available(),  # several CPU processes then talk over gloo
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
+        # only the holdout loss is wanted: without this, Trainer gathers every eval batch's logits on
+        # the GPU, concatenating ever larger copies (3,000 synth traces: about 1.6 GB at the end), and the
+        # caching allocator keeps them all; a first one-GPU synth run saw distills hold 6-29 GiB each
+        # and the others fail out of memory
+        prediction_loss_only=True,
         report_to="none",
     )
+
+
+def make_trainer(model, args, train, evals, tokenizer):
+    from transformers import Trainer  # imported here: a bad config fails in a second, not ten
+    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                   data_collator=partial(collate, pad_id=tokenizer.pad_token_id))
 
 
 def latest_checkpoint(checkpoints):
@@ -161,6 +177,10 @@ def summary(cfg, trainer, result, resumed_from, counts):
         "global_step": trainer.state.global_step,
         "resumed_from": resumed_from,
         "world_size": trainer.args.world_size,
+        # this process's peak, with what its allocator kept cached: what a GPU shared by several
+        # students must hold for each
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available()
+        else None,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         **counts,
         "config": vars(cfg),
@@ -181,12 +201,10 @@ def main(argv):
     evals, dropped_eval = build_examples(cfg.eval_traces, tokenizer, cfg.max_length) if cfg.eval_traces \
         else (None, 0)
 
-    from transformers import Trainer  # imported here: a bad config fails in a second, not ten
     model = student_model(cfg, device)
     accum, steps_per_epoch, eval_steps = schedule(cfg, len(train), world)
     args = training_args(cfg, accum, eval_steps, evals is not None, torch_dtype(cfg.dtype, device))
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                      data_collator=partial(collate, pad_id=tokenizer.pad_token_id))
+    trainer = make_trainer(model, args, train, evals, tokenizer)
     resumed_from = latest_checkpoint(args.output_dir)
     log(f"{len(train)} train / {len(evals or [])} eval examples (dropped {dropped_train} / {dropped_eval}), "
         f"{steps_per_epoch} steps per epoch, eval and checkpoint every {eval_steps}"

@@ -3,7 +3,8 @@
 The teacher (Qwen2, R1-Distill-style template) is trained until its greedy traces solve most test
 problems, answer forcing included. The proxy (Qwen2, the teacher's tokenizer, another padded vocab
 width) and the student (Llama, Llama-3-style template, its own vocabulary) are base models pretrained
-on domain text. Deterministic data for a seed. Two profiles:
+on domain text. The three train side by side, one process each (on CPU, as many as the cores allow).
+Deterministic data and models for a seed. Two profiles:
   tiny   the CI pipeline's assets: one-digit problems, sub-million-parameter models; about 70 s on 2 CPU cores
   synth  the one-GPU reproduction: two-digit problems of 3-5 numbered events, traces written in varied
          styles (room for ADS to choose among correct tokens); a 25M-parameter teacher, and a proxy and
@@ -16,12 +17,14 @@ on domain text. Deterministic data for a seed. Two profiles:
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import yaml
@@ -46,6 +49,8 @@ AF_FRACTION = 0.2  # share of teacher examples that teach answer forcing
 STEP_STYLES = ["{a}{s}{b}={r}\n", "{a} {s} {b} = {r}\n", "{a} {w} {b} is {r}\n"]
 CLOSINGS = ["The answer is \\boxed{{{r}}}.", "So {name} has \\boxed{{{r}}} {obj}.", "\\boxed{{{r}}}"]
 WORDS = {"+": "plus", "-": "minus"}
+
+THREADS = 2  # per training process: tiny matmuls, more threads only add sync overhead
 
 PROFILES = {
     "tiny": {
@@ -258,7 +263,7 @@ def collate(batch, pad_id, device):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=None, check_every=100):
+def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=None, check_every=100, bar_line=0):
     """AdamW, linear warmup then cosine decay, on random batches; stops early once good_enough(model)
     holds (checked every check_every steps after the first third). Returns the last loss and the steps taken."""
     torch.manual_seed(seed)
@@ -268,7 +273,7 @@ def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=Non
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * s / steps)))
     model.train()
-    bar = tqdm(range(steps), desc=desc)
+    bar = tqdm(range(steps), desc=desc, position=bar_line)  # one line per concurrent job
     for step in bar:
         ids, labels, mask = collate(rng.sample(examples, batch_size), model.config.pad_token_id, model.device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -375,11 +380,12 @@ def train_teacher(tok, pool, system_prompt, seed, profile, device):
     return teacher, loss, steps
 
 
-def train_base_model(cls, config_cls, tok, texts, vocab_size, seed, desc, profile, device):
+def train_base_model(cls, config_cls, tok, texts, vocab_size, seed, desc, profile, device, bar_line=0):
     """A base model: language modelling on domain text."""
     model = new_model(cls, config_cls, seed, device, vocab_size=vocab_size, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **profile["base"])
-    loss, _ = train_lm(model, text_examples(tok, texts), seed=seed, desc=desc, **profile["base_train"])
+    loss, _ = train_lm(model, text_examples(tok, texts), seed=seed, desc=desc, bar_line=bar_line,
+                       **profile["base_train"])
     return model, loss
 
 
@@ -394,25 +400,65 @@ def base_corpora(pool, profile, seed):
     return text, text
 
 
+def setup_torch():
+    """Thread count and matmul precision, for the main process and each training job."""
+    torch.set_num_threads(min(os.cpu_count() or 1, THREADS))
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def job_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def teacher_job(tok, pool, test, system_prompt, seed, profile, path):
+    """Train the teacher, grade it on the test split and save it; returns what the manifest records."""
+    teacher, loss, steps = train_teacher(tok, pool, system_prompt, seed, profile, job_device())
+    accuracy, completions = greedy_accuracy(teacher, tok, system_prompt, test, profile["max_new_tokens"])
+    af_accuracy = forced_accuracy(teacher, tok, system_prompt, test, completions)
+    save_model(teacher, tok, path)
+    return dict(loss=loss, steps=steps, greedy=accuracy, answer_forced=af_accuracy, params=n_params(teacher),
+                vocab_size=teacher.config.vocab_size, max_completion=max(count_tokens(tok, c) for c in completions))
+
+
+# (class, config, vocab padding multiple, job index: the seed offset and the progress bar's line); the
+# proxy gets another padded width than the teacher's, as Qwen2.5-3B (151,936) against R1-Distill-7B (152,064)
+BASES = {"proxy": (Qwen2ForCausalLM, Qwen2Config, 32, 1), "student": (LlamaForCausalLM, LlamaConfig, 16, 2)}
+
+
+def base_job(name, tok, texts, seed, profile, path):
+    """Pretrain the proxy or the student on domain text and save it."""
+    cls, config_cls, multiple, index = BASES[name]
+    model, loss = train_base_model(cls, config_cls, tok, texts, padded_vocab(len(tok), multiple), seed + index,
+                                   name, profile, job_device(), bar_line=index)
+    save_model(model, tok, path)
+    return dict(loss=loss, params=n_params(model), vocab_size=model.config.vocab_size)
+
+
+def train_models(out, seed, profile, ttok, stok, pool, test, system_prompt):
+    """The teacher, the proxy and the student train side by side, one process each: they are
+    independent, and each small model alone leaves most of a GPU idle (launch-bound steps). On CPU
+    they share the cores instead, so only as many run at once as the cores allow (one on two cores)."""
+    proxy_text, student_text = base_corpora(pool, profile, seed)
+    at_once = 3 if torch.cuda.is_available() else max(1, min(3, (os.cpu_count() or 1) // THREADS))
+    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with ProcessPoolExecutor(at_once, mp_context=spawn, initializer=setup_torch) as jobs:
+        futures = {
+            "teacher": jobs.submit(teacher_job, ttok, pool, test, system_prompt, seed, profile,
+                                   os.path.join(out, "teacher")),
+            "proxy": jobs.submit(base_job, "proxy", ttok, proxy_text, seed, profile, os.path.join(out, "proxy")),
+            "student": jobs.submit(base_job, "student", stok, student_text, seed, profile,
+                                   os.path.join(out, "student")),
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
 def build(out, seed, profile):
     t0 = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     system_prompt = load_system_prompt()
     train, test, pool = make_data(out, seed, profile)
     ttok, stok = make_tokenizers(pool, system_prompt, profile)
-
-    teacher, teacher_loss, teacher_steps = train_teacher(ttok, pool, system_prompt, seed, profile, device)
-    accuracy, completions = greedy_accuracy(teacher, ttok, system_prompt, test, profile["max_new_tokens"])
-    af_accuracy = forced_accuracy(teacher, ttok, system_prompt, test, completions)
-    save_model(teacher, ttok, os.path.join(out, "teacher"))
-    proxy_text, student_text = base_corpora(pool, profile, seed)
-    # Another padded width than the teacher's, as Qwen2.5-3B (151,936) against R1-Distill-7B (152,064).
-    proxy, proxy_loss = train_base_model(Qwen2ForCausalLM, Qwen2Config, ttok, proxy_text, padded_vocab(len(ttok), 32),
-                                         seed + 1, "proxy", profile, device)
-    save_model(proxy, ttok, os.path.join(out, "proxy"))
-    student, student_loss = train_base_model(LlamaForCausalLM, LlamaConfig, stok, student_text,
-                                             padded_vocab(len(stok), 16), seed + 2, "student", profile, device)
-    save_model(student, stok, os.path.join(out, "student"))
+    done = train_models(out, seed, profile, ttok, stok, pool, test, system_prompt)
+    teacher = done["teacher"]
 
     manifest = {
         "seed": seed,
@@ -420,18 +466,17 @@ def build(out, seed, profile):
         "rows": {"train": len(train), "test": len(test), "teacher_train": profile["teacher_problems"],
                  "teacher_val": profile["teacher_val"]},
         "tokenizer_len": {"teacher": len(ttok), "student": len(stok)},
-        "vocab_size": {"teacher": teacher.config.vocab_size, "proxy": proxy.config.vocab_size,
-                       "student": student.config.vocab_size},
-        "params": {"teacher": n_params(teacher), "proxy": n_params(proxy), "student": n_params(student)},
-        "final_loss": {"teacher": teacher_loss, "proxy": proxy_loss, "student": student_loss},
-        "teacher_steps": teacher_steps,
-        "teacher_test_accuracy": {"greedy": accuracy, "answer_forced": af_accuracy},
+        "vocab_size": {name: done[name]["vocab_size"] for name in done},
+        "params": {name: done[name]["params"] for name in done},
+        "final_loss": {name: done[name]["loss"] for name in done},
+        "teacher_steps": teacher["steps"],
+        "teacher_test_accuracy": {"greedy": teacher["greedy"], "answer_forced": teacher["answer_forced"]},
         "max_tokens": {"teacher_prompt": max(count_tokens(ttok, render_prompt(ttok, system_prompt, p["question"]))
                                              for p in test),
                        "student_prompt": max(count_tokens(stok, render_prompt(stok, system_prompt, p["question"]))
                                              for p in test),
-                       "teacher_completion": max(count_tokens(ttok, c) for c in completions)},
-        "device": device.type,
+                       "teacher_completion": teacher["max_completion"]},
+        "device": job_device().type,
         "build_seconds": round(time.time() - t0, 1),
     }
     with open(os.path.join(out, "manifest.json"), "w") as f:
@@ -450,8 +495,7 @@ def main():
     if os.path.exists(os.path.join(out, ".complete")) and not args.force:
         print(f"{out} is already built; pass --force to rebuild")
         return
-    torch.set_num_threads(min(os.cpu_count() or 1, 2))  # tiny matmuls: more threads only add sync overhead
-    torch.backends.cuda.matmul.allow_tf32 = True
+    setup_torch()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".assets-", dir=os.path.dirname(out))  # same filesystem: the rename is atomic
     try:

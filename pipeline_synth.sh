@@ -3,11 +3,12 @@
 # the same teacher accuracy? make_assets.py --profile synth trains a 25M Qwen2 teacher on synthetic
 # two-digit word problems and pretrains a proxy (Qwen2) and a student (Llama) of its size on the
 # questions and on arithmetic facts, never on solutions; then the 20-row synth grid (temperature, ADS,
-# ADS with the penalty permuted) runs 10 rows at a time (the models are small, so the row processes
+# ADS with the penalty permuted) runs all rows at once (the models are small, so the row processes
 # share the GPU), and the report compares the curves.
 #
 #   EXP_DIR=exp/synth bash pipeline_synth.sh                              # one H200
-#   EXP_DIR=exp/synth PARALLEL=20 ROW_GPUS=0,1 bash pipeline_synth.sh     # two GPUs: every row at once
+#   EXP_DIR=exp/synth ROW_GPUS=0,1 bash pipeline_synth.sh                 # two GPUs, rows dealt over both
+#   EXP_DIR=exp/synth_seed2 GEN_ARGS=seed=43 TRAIN_ARGS=seed=70 bash pipeline_synth.sh   # a replicate
 #   ASSETS_PROFILE=tiny GRID=tiny PARALLEL=2 bash pipeline_synth.sh   # the same driver on CPU, in minutes
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,9 +22,8 @@ python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 
 export TEACHER=$ASSETS/teacher PROXY=$ASSETS/proxy STUDENT=$ASSETS/student STUDENT_TOKENIZER=$ASSETS/student
 export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
-# half the rows at once: all 20 on one H200 ran out of GPU memory (the last 9 distill stages failed to
-# start while the 11 already training held 6-29 GiB each), and the GPU was busy (SM 70% on average)
-export PARALLEL=${PARALLEL:-10}
+# every row at once: each process alone leaves the GPU mostly idle (small models, launch-bound steps)
+export PARALLEL=${PARALLEL:-20}
 # one process per stage: the models are small, so rows run side by side instead of across GPUs
 export LAUNCH=${LAUNCH:-"accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"}
 # prompts are <= 120 tokens and clean traces <= 85; fp32 keeps eps * g exact in the perturbed proxies;
