@@ -131,8 +131,8 @@ def training_args(cfg, accum, eval_steps, has_eval, dtype):
         remove_unused_columns=False,
         # only the holdout loss is wanted: without this, Trainer gathers every eval batch's logits on
         # the GPU, concatenating ever larger copies (3,000 synth traces: about 1.6 GB at the end), and the
-        # caching allocator keeps them all; a first one-GPU synth run saw distills hold 6-29 GiB each
-        # and the others fail out of memory
+        # caching allocator keeps them all; a one-GPU synth run saw distills hold 6-29 GiB each and
+        # the others fail out of memory (with this: 4.4-7.6 GiB each, 20 at once)
         prediction_loss_only=True,
         report_to="none",
     )

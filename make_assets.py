@@ -9,7 +9,7 @@ Deterministic data and models for a seed. Two profiles:
   synth  the one-GPU reproduction: two-digit problems of 3-5 numbered events, traces written in varied
          styles (room for ADS to choose among correct tokens); a 25M-parameter teacher, and a proxy and
          a student of its size pretrained on the questions and on arithmetic facts, never on
-         solutions; about 4 minutes on one H200 (210 and 242 s in two runs)
+         solutions; about 3 minutes on one H200 (188 and 176 s in two runs)
 
     python make_assets.py --out tiny_assets
     python make_assets.py --profile synth --out exp/synth/assets

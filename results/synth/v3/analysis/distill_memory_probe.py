@@ -4,7 +4,7 @@ of 64 sequences of 200 tokens (the longest synth prompt plus trace is about 200)
 on CPU, reporting the peak resident memory. On the GPU the 11 training distill stages held 6-29 GiB
 each (stages.log); this separates what a step needs from what the CUDA caching allocator kept.
 
-    OMP_NUM_THREADS=2 python results/synth/analysis/distill_memory_probe.py
+    OMP_NUM_THREADS=2 python results/synth/v3/analysis/distill_memory_probe.py
 """
 import resource
 import time
