@@ -25,8 +25,10 @@ export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BAT
 # every row at once: each process alone leaves the GPU mostly idle (small models, launch-bound steps);
 # with 20 students training, one H200 held 128 of its 143 GB
 export PARALLEL=${PARALLEL:-20}
-# one process per stage: the models are small, so rows run side by side instead of across GPUs
-export LAUNCH=${LAUNCH:-"accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"}
+# one plain process per stage: the models are small, so rows run side by side instead of across GPUs;
+# accelerate's launcher would add its own interpreter and torch import to every stage start
+# (4.6 s a launch on 2 idle cores, more with 20 rows sharing the CPU)
+export LAUNCH=${LAUNCH:-python}
 # prompts are <= 120 tokens and clean traces <= 85; fp32 keeps eps * g exact in the perturbed proxies;
 # engine=eager: CUDA graphs without torch.compile, which would cost each process more than it saves
 export GEN_ARGS="data_dir=$ASSETS/data max_length=320 max_prompt_length=160 dtype=float32 engine=eager ${GEN_ARGS:-}"
