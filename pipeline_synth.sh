@@ -27,7 +27,7 @@ export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BAT
 export PARALLEL=${PARALLEL:-20}
 # one plain process per stage: the models are small, so rows run side by side instead of across GPUs;
 # accelerate's launcher would add its own interpreter and torch import to every stage start
-# (4.6 s a launch on 2 idle cores, more with 20 rows sharing the CPU)
+# (3.9-6.2 s a launch of an empty script on 2 idle cores; more with 20 rows sharing the CPU)
 export LAUNCH=${LAUNCH:-python}
 # prompts are <= 120 tokens and clean traces <= 85; fp32 keeps eps * g exact in the perturbed proxies;
 # engine=eager: CUDA graphs without torch.compile, which would cost each process more than it saves
