@@ -14,9 +14,12 @@ import shutil
 from functools import partial
 from pathlib import Path
 
-# Batches vary in width, so the caching allocator would keep blocks of every size; expandable segments
-# stop that cache from growing, which matters when several students share one GPU (pipeline_synth.sh).
-# Read at the first CUDA allocation, so it must be set before then.
+# Batches vary in width, so the caching allocator fragments its cache into blocks of many sizes;
+# expandable segments let it grow and reuse one mapping instead. That matters when several students
+# share one GPU (pipeline_synth.sh). Without them, a one-GPU synth run saw its distills hold 6-29 GiB
+# each, and 9 of 20 failed out of memory; the next run, which added them and changed nothing else that
+# touches memory, peaked at 4.4-7.6 GiB each, 20 at once. Read at the first CUDA allocation, so it
+# must be set before then; a PYTORCH_CUDA_ALLOC_CONF of the user's wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
@@ -129,19 +132,8 @@ def training_args(cfg, accum, eval_steps, has_eval, dtype):
         use_cpu=not torch.cuda.is_available(),  # several CPU processes then talk over gloo
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
-        # only the holdout loss is wanted: without this, Trainer gathers every eval batch's logits on
-        # the GPU, concatenating ever larger copies (3,000 synth traces: about 1.6 GB at the end), and the
-        # caching allocator keeps them all; a one-GPU synth run saw distills hold 6-29 GiB each and
-        # the others fail out of memory (with this: 4.4-7.6 GiB each, 20 at once)
-        prediction_loss_only=True,
         report_to="none",
     )
-
-
-def make_trainer(model, args, train, evals, tokenizer):
-    from transformers import Trainer  # imported here: a bad config fails in a second, not ten
-    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                   data_collator=partial(collate, pad_id=tokenizer.pad_token_id))
 
 
 def latest_checkpoint(checkpoints):
@@ -201,10 +193,12 @@ def main(argv):
     evals, dropped_eval = build_examples(cfg.eval_traces, tokenizer, cfg.max_length) if cfg.eval_traces \
         else (None, 0)
 
+    from transformers import Trainer  # imported here: a bad config fails in a second, not ten
     model = student_model(cfg, device)
     accum, steps_per_epoch, eval_steps = schedule(cfg, len(train), world)
     args = training_args(cfg, accum, eval_steps, evals is not None, torch_dtype(cfg.dtype, device))
-    trainer = make_trainer(model, args, train, evals, tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                      data_collator=partial(collate, pad_id=tokenizer.pad_token_id))
     resumed_from = latest_checkpoint(args.output_dir)
     log(f"{len(train)} train / {len(evals or [])} eval examples (dropped {dropped_train} / {dropped_eval}), "
         f"{steps_per_epoch} steps per epoch, eval and checkpoint every {eval_steps}"

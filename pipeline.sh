@@ -24,7 +24,7 @@ BATCH=${BATCH:-512}                           # decode slots per process without
 ADS_BATCH=${ADS_BATCH:-192}                   # with ADS three models share the GPU
 HOLDOUT_MAX_SAMPLES=${HOLDOUT_MAX_SAMPLES:-null}
 MAX_SAMPLES=${MAX_SAMPLES:-null}              # cap on train and test prompts
-LAUNCH=${LAUNCH:-accelerate launch --config_file acc_config.yaml}   # python: each stage one plain process
+LAUNCH=${LAUNCH:-accelerate launch --config_file acc_config.yaml}   # python ...: each stage one plain process
 read -ra GEN_EXTRA <<<"${GEN_ARGS:-}"        # extra key=value overrides for every gentraces.py run
 read -ra GRAD_EXTRA <<<"${GRAD_ARGS:-}"
 read -ra TRAIN_EXTRA <<<"${TRAIN_ARGS:-}"
@@ -44,12 +44,12 @@ TRACES=$EXP_DIR/traces
 GRADS=$EXP_DIR/student_grads.safetensors
 mkdir -p "$TRACES" "$EXP_DIR/models" "$EXP_DIR/logs"
 
-# a free rendezvous port per launch, so pipelines and parallel rows can share a machine; a plain
-# python launcher starts one process, which needs none
+# a free rendezvous port per launch, so pipelines and parallel rows can share a machine; a python
+# interpreter as the launcher (python, python3 -u, /path/to/python) starts one process, which needs none
 launch() {
     local port
-    if [[ $LAUNCH == python ]]; then
-        python "$@"
+    if [[ ${LAUNCHER[0]##*/} == python* ]]; then
+        "${LAUNCHER[@]}" "$@"
         return
     fi
     port=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')

@@ -105,3 +105,15 @@ def test_pipeline_refuses_a_bad_grid_parallel_or_row_gpus_before_any_stage(env, 
                               "EXP_DIR": str(exp), **env})
     assert res.returncode == 2 and message in res.stderr.splitlines()[-1]
     assert not exp.exists()
+
+
+@pytest.mark.parametrize("launcher", ["python", "python -u", f"{sys.executable} -u"])
+def test_a_python_launcher_runs_the_stage_itself_with_no_rendezvous_port(launcher, tmp_path):
+    bin_dir = str(Path(sys.executable).parent)
+    res = subprocess.run(["bash", str(ROOT / "pipeline.sh")], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+                              "EXP_DIR": str(tmp_path / "exp"), "LAUNCH": launcher, "GRID": "tiny",
+                              "TEACHER": str(tmp_path / "no_teacher"), "HF_HUB_OFFLINE": "1"})
+    # the first stage reaches gentraces.py and fails there, on the missing teacher, in one line
+    assert res.returncode != 0 and "== " in res.stderr and "holdout traces" in res.stderr
+    assert "main_process_port" not in res.stderr and "no_teacher" in res.stderr.splitlines()[-1]
