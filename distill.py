@@ -16,10 +16,10 @@ from pathlib import Path
 
 # Batches vary in width, so the caching allocator fragments its cache into blocks of many sizes;
 # expandable segments let it grow and reuse one mapping instead. That matters when several students
-# share one GPU (pipeline_synth.sh). Without them, a one-GPU synth run saw its distills hold 6-29 GiB
-# each, and 9 of 20 failed out of memory; the next run, which added them and changed nothing else that
-# touches memory, peaked at 4.4-7.6 GiB each, 20 at once. Read at the first CUDA allocation, so it
-# must be set before then; a PYTORCH_CUDA_ALLOC_CONF of the user's wins.
+# share one GPU (pipeline_synth.sh). Without them, in a one-GPU synth run, 9 of 20 distills failed out
+# of memory while the others held 6-29 GiB each (whole processes); the next run, which added them and
+# changed nothing else that touches memory, reserved at most 4.4-7.6 GiB each, 20 at once. Read at
+# the first CUDA allocation, so it must be set before then; a PYTORCH_CUDA_ALLOC_CONF of the user's wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
