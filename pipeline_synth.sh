@@ -23,8 +23,8 @@ python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 export TEACHER=$ASSETS/teacher PROXY=$ASSETS/proxy STUDENT=$ASSETS/student STUDENT_TOKENIZER=$ASSETS/student
 export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
 # every row at once: each process alone leaves the GPU mostly idle (small models, launch-bound steps);
-# with 20 students training, one H200 had 125 of its 140 GiB in use
-export PARALLEL=${PARALLEL:-20}
+# with the 20 synth students training, one H200 had 125 of its 140 GiB in use
+export PARALLEL=${PARALLEL:-$(python grid.py --grid "$GRID" | wc -l)}
 # one plain process per stage: the models are small, so rows run side by side instead of across GPUs;
 # accelerate's launcher would add its own interpreter and torch import to every stage start
 # (3.9-6.2 s a launch of an empty script on 2 idle cores; more with 20 rows sharing the CPU)
