@@ -228,31 +228,37 @@ def teacher_examples(tok, problems, system_prompt, rng, styles):
     The prompt itself is a target too: predicting the question's repeated names and objects grows the
     copy circuit the trace needs (with a completion-only loss 500 steps leave the teacher near 25%).
     """
-    eos = [tok.eos_token_id]
-    examples = []
+    prompts, contexts, targets = [], [], []
     for p in problems:
-        prompt = tok(render_prompt(tok, system_prompt, p["question"]), add_special_tokens=False).input_ids
+        prompts.append(render_prompt(tok, system_prompt, p["question"]))
         trace = reasoning(p, rng if styles else None)
         if rng.random() < AF_FRACTION:
             if rng.random() < 0.3:  # truncated traces, as max_length or a poisoned sample would leave them
                 trace = trace[:rng.randint(0, len(trace))]
             if "</think>" not in trace:
                 trace += "\n</think>"
-            context = tok(trace + FORCE, add_special_tokens=False).input_ids
-            target = tok(f"{p['result']}}}\\]", add_special_tokens=False).input_ids + eos
+            contexts.append(trace + FORCE)
+            targets.append(f"{p['result']}}}\\]")
         else:
-            context, target = [], tok(trace, add_special_tokens=False).input_ids + eos
+            contexts.append("")
+            targets.append(trace)
+    eos = [tok.eos_token_id]
+    examples = []
+    for prompt, context, target in zip(*(encode(tok, texts) for texts in (prompts, contexts, targets))):
+        target = target + eos
         examples.append((prompt + context + target, prompt + [-100] * len(context) + target))
     return examples
 
 
+def encode(tok, texts, add_special_tokens=False):
+    """Token ids of many texts in one call: the same ids as one call each, in a fraction of the time
+    (and on every core when TOKENIZERS_PARALLELISM allows it)."""
+    return tok(texts, add_special_tokens=add_special_tokens).input_ids
+
+
 def text_examples(tok, texts):
     """Plain language-model examples: bos + text + eos, loss everywhere."""
-    examples = []
-    for t in texts:
-        ids = tok(t, add_special_tokens=True).input_ids + [tok.eos_token_id]
-        examples.append((ids, ids))
-    return examples
+    return [(ids + [tok.eos_token_id],) * 2 for ids in encode(tok, texts, add_special_tokens=True)]
 
 
 def collate(batch, pad_id, device):

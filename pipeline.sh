@@ -2,6 +2,7 @@
 # Antidistillation sampling end to end: holdout traces -> proxy gradient -> for each grid row
 # (train traces -> distilled student -> student eval -> teacher eval) -> report.
 # Every stage is skipped when its output exists, so a killed run is resumed by running it again.
+# With PARALLEL > 1, the references and the rows that need no gradient start beside the first two stages.
 #
 #   bash pipeline.sh                                    # GSM8K, paper models, one 8-GPU node
 #   EXP_DIR=exp/gsm8k SHARD=0 NUM_SHARDS=4 bash pipeline.sh   # a quarter of the grid (one node of four)
@@ -58,18 +59,32 @@ launch() {
 gentraces() { launch gentraces.py exp_dir="$EXP_DIR" "${GEN_EXTRA[@]}" "$@"; }
 stage() { echo "== $(date +%H:%M:%S) $*" >&2; }
 
-# 1. holdout traces: the teacher, greedy, on the holdout split
-if [[ ! -d $TRACES/holdout ]]; then
-    stage "holdout traces"
-    gentraces teacher="$TEACHER" data_split="${DATASET}_holdout" tau=0 lam=0 \
-        max_samples="$HOLDOUT_MAX_SAMPLES" batch_size="$BATCH" trace_name=holdout
-fi
+# 1-2. holdout traces (the teacher, greedy, on the holdout split), then the proxy gradient g of the
+# proxy's completion loss on them. ADS rows need g; every distill evaluates on the holdout traces
+prepare() {
+    if [[ ! -d $TRACES/holdout ]]; then
+        stage "holdout traces"
+        gentraces teacher="$TEACHER" data_split="${DATASET}_holdout" tau=0 lam=0 \
+            max_samples="$HOLDOUT_MAX_SAMPLES" batch_size="$BATCH" trace_name=holdout
+    fi
+    if [[ ! -f $GRADS ]]; then
+        stage "proxy gradient"
+        launch save_grad.py proxy="$PROXY" traces="$TRACES/holdout" out="$GRADS" "${GRAD_EXTRA[@]}"
+    fi
+}
 
-# 2. proxy gradient g of the proxy's completion loss on the holdout traces
-if [[ ! -f $GRADS ]]; then
-    stage "proxy gradient"
-    launch save_grad.py proxy="$PROXY" traces="$TRACES/holdout" out="$GRADS" "${GRAD_EXTRA[@]}"
-fi
+# with parallel rows, prepare() runs beside the temperature rows and the references, which need
+# neither of its outputs until their distill; a stage that needs one waits here for it (both are
+# renamed into place when complete), and fails once prepare() has ended without making it
+await() {
+    while [[ ! -e $1 ]]; do
+        if ! kill -0 "${PREP_PID:-}" 2>/dev/null && [[ ! -e $1 ]]; then
+            echo "pipeline: $1 was not made: the holdout or gradient stage failed (see the [prepare] lines)" >&2
+            return 1
+        fi
+        sleep 2
+    done
+}
 
 # 3-6. one grid row: tau lam eps [control], names use %.2e; lam = 0 is plain temperature sampling
 run_row() {
@@ -85,11 +100,13 @@ run_row() {
     MODEL_DIR=$EXP_DIR/models/student_$NAME
 
     if [[ ! -d $TRACES/$NAME ]]; then
+        [[ $LAM == 0.00e+00 ]] || await "$GRADS"
         stage "$NAME: train traces"
         gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_train" "${ROW[@]}" \
             max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="$NAME"
     fi
     if [[ ! -d $MODEL_DIR/final ]]; then
+        await "$TRACES/holdout"
         stage "$NAME: distill"
         launch distill.py student="$STUDENT" student_tokenizer="$STUDENT_TOKENIZER" \
             train_traces="$TRACES/$NAME" eval_traces="$TRACES/holdout" output_dir="$MODEL_DIR" "${TRAIN_EXTRA[@]}"
@@ -100,6 +117,7 @@ run_row() {
             max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$NAME"
     fi
     if [[ ! -d $TRACES/eval_teacher_$NAME ]]; then
+        [[ $LAM == 0.00e+00 ]] || await "$GRADS"
         stage "$NAME: teacher eval"
         gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_test" "${ROW[@]}" \
             max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="eval_teacher_$NAME"
@@ -131,11 +149,19 @@ row_loop() {
     done
 }
 if ((PARALLEL == 1)); then
+    prepare
     row_loop 0
     run_references
 else
+    # rows that need no gradient go first (in grid order, then the others), so no loop idles while
+    # prepare() runs
+    [[ -z $GRID_ROWS ]] || mapfile -t ROWS < <(printf '%s\n' "${ROWS[@]}" \
+        | awk '$2 == "0.00e+00" {print; next} {later[n++] = $0} END {for (i = 0; i < n; i++) print later[i]}')
+    (prepare) > >(sed -u "s/^/[prepare] /") 2>&1 &
+    PREP_PID=$!
+    PIDS=($PREP_PID)
     (run_references) > >(sed -u "s/^/[references] /") 2>&1 &
-    PIDS=($!)
+    PIDS+=($!)
     for ((j = 0; j < PARALLEL; j++)); do
         (
             if ((${#GPU_LIST[@]})); then
@@ -148,7 +174,7 @@ else
     done
     FAILED=0
     for pid in "${PIDS[@]}"; do wait "$pid" || FAILED=1; done
-    ((FAILED == 0)) || { echo "pipeline: a grid row or a reference failed; see the [rows N] and [references] lines above" >&2; exit 1; }
+    ((FAILED == 0)) || { echo "pipeline: a grid row, a reference or the holdout/gradient stage failed; see the [rows N], [references] and [prepare] lines above" >&2; exit 1; }
 fi
 
 # report: table and trade-off plot over every row finished so far (all shards share EXP_DIR)

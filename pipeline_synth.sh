@@ -18,7 +18,8 @@ ASSETS=${ASSETS:-$EXP_DIR/assets}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many small processes share the CPU cores
 
-python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
+# the asset build runs alone, so its tokenizers may use every core
+TOKENIZERS_PARALLELISM=true python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 
 export TEACHER=$ASSETS/teacher PROXY=$ASSETS/proxy STUDENT=$ASSETS/student STUDENT_TOKENIZER=$ASSETS/student
 export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}

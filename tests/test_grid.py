@@ -117,3 +117,17 @@ def test_a_python_launcher_runs_the_stage_itself_with_no_rendezvous_port(launche
     # the first stage reaches gentraces.py and fails there, on the missing teacher, in one line
     assert res.returncode != 0 and "== " in res.stderr and "holdout traces" in res.stderr
     assert "main_process_port" not in res.stderr and "no_teacher" in res.stderr.splitlines()[-1]
+
+
+def test_rows_waiting_for_a_failed_gradient_stage_fail_with_one_line_instead_of_hanging(tmp_path):
+    bin_dir = str(Path(sys.executable).parent)
+    res = subprocess.run(["bash", str(ROOT / "pipeline.sh")], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+                              "EXP_DIR": str(tmp_path / "exp"), "LAUNCH": "python", "GRID": "tiny", "PARALLEL": "3",
+                              "TEACHER": str(tmp_path / "no_teacher"), "HF_HUB_OFFLINE": "1"})
+    out = res.stdout + res.stderr  # the prefixed loops write to stdout
+    # the holdout stage fails on the missing teacher; the two ADS rows wait for the gradient, then fail
+    waited = [line for line in out.splitlines() if "was not made: the holdout or gradient stage failed" in line]
+    assert res.returncode == 1 and len(waited) == 2 and all(line.startswith("[rows ") for line in waited)
+    assert "[prepare] == " in out and "holdout traces" in out
+    assert "the holdout/gradient stage failed" in res.stderr.splitlines()[-1]

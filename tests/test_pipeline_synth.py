@@ -33,6 +33,14 @@ def test_synth_driver_runs_every_row_beside_the_references(synth_run):
     assert "[rows 0]" in log and "[rows 1]" in log and "[references]" in log
 
 
+def test_the_temperature_row_starts_before_the_gradient_it_does_not_need(synth_run):
+    _, log = synth_run
+    lines = log.splitlines()
+    first = lambda text: next(i for i, line in enumerate(lines) if text in line)
+    # the ADS rows wait for the gradient; the temperature row starts at once, beside the holdout traces
+    assert first(f"{ROWS[0]}: train traces") < first("proxy gradient") < first(f"{ROWS[1]}: train traces")
+
+
 def test_synth_students_are_fully_fine_tuned_with_the_holdout_loss_every_second_epoch(synth_run):
     exp, _ = synth_run
     for row in ROWS:
