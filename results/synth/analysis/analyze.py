@@ -1,12 +1,14 @@
 """How robust is the synth reproduction's ADS-temperature gap? The run in results/synth and its
-replicate in results/synth/seed2 (same assets seed, other trace and student seeds).
+replicate in results/synth/seed2 (same assets seed, other trace and student seeds), then every run of
+this grid together: these two, v4/ and v4/seed2/, and v3/.
 
 Reads only files committed beside it: each run's registry, per-problem grades, teacher eval
 completions and students' train summaries. Prints, for each run, (1) each student's loss on the
 teacher's greedy holdout traces, (2) the step-style and closing mix of the correct teacher traces,
 (3) the raw-accuracy gap with each grid row left out in turn, (4) the gaps without the students that
-failed to learn clean traces; then (5) the two runs side by side, with intervals that resample the
-grid rows (each trained its own student) as well as the test problems.
+failed to learn clean traces; then (5) the five runs of this grid side by side and pooled, with
+intervals that resample the grid rows (each trained its own student) as well as the test problems,
+and (6) where along the teacher-accuracy axis each run's gap lies.
 
     python results/synth/analysis/analyze.py > results/synth/analysis/analysis.txt
 """
@@ -23,6 +25,9 @@ sys.path.insert(0, str(HERE.parents[2]))
 import report  # noqa: E402
 
 RUNS = {"main": HERE.parent, "seed2": HERE.parent / "seed2"}
+# every run of the synth grid, oldest first (v3's students were trained on a resume after 9 of them
+# ran out of memory)
+GRID_RUNS = {"v3": HERE.parent / "v3", "v4": HERE.parent / "v4", "v4/seed2": HERE.parent / "v4" / "seed2", **RUNS}
 STYLES = {"compact": r"\d+[+-]\d+=\d+", "spaced": r"\d+ [+-] \d+ = \d+", "words": r"\d+ (plus|minus) \d+ is \d+"}
 CLOSINGS = {"The answer is": "The answer is", "So NAME has": "So ", "bare": None}
 PAIRS = [("ADS", "temperature"), (report.PERMUTED, "temperature"), ("ADS", report.PERMUTED)]
@@ -110,10 +115,10 @@ def print_without_failed(run, rows):
         print("  " + report.gap_line(g))
 
 
-def grades(run, rows):
-    """{row name: (teacher 0/1 grades, student 0/1 grades)} over the test problems, in idx order."""
+def grades(label, run, rows):
+    """{label/row name: (teacher 0/1 grades, student 0/1 grades)} over the test problems, in idx order."""
     names, teacher, student = report.per_problem_grades(run, rows, "raw")
-    return {f"{run.name}/{n}": (teacher[i], student[i]) for i, n in enumerate(names)}
+    return {f"{label}/{n}": (teacher[i], student[i]) for i, n in enumerate(names)}
 
 
 def row_bootstrap(runs, samples=2000, seed=0):
@@ -121,11 +126,11 @@ def row_bootstrap(runs, samples=2000, seed=0):
     are resampled: every row trained its own student, so row-to-row training noise enters the interval
     (the report's interval resamples only the problems). Rows of several runs are pooled per series."""
     series, data = {}, {}
-    for run in runs:
+    for label, run in runs.items():
         rows = rows_of(run)
-        data.update(grades(run, rows))
+        data.update(grades(label, run, rows))
         for r in rows:
-            series.setdefault(r["series"], []).append(f"{run.name}/{r['name']}")
+            series.setdefault(r["series"], []).append(f"{label}/{r['name']}")
     rng = np.random.default_rng(seed)
     n = len(next(iter(data.values()))[0])
     out = {}
@@ -146,12 +151,13 @@ def row_bootstrap(runs, samples=2000, seed=0):
 
 
 def print_replicates():
-    print("\n(5) the two runs side by side: gap (percent points), 95% interval resampling problems only "
-          "(the report's), and resampling grid rows and problems")
-    by_rows = {name: row_bootstrap([run]) for name, run in RUNS.items()}
-    by_rows["both runs, rows pooled"] = row_bootstrap(list(RUNS.values()))
+    print("\n(5) every run of this grid side by side: gap (percent points), 95% interval resampling problems "
+          "only (the report's), and resampling grid rows and problems; then all runs' rows pooled, and the "
+          "mean and standard deviation of the five runs' gaps")
+    by_rows = {name: row_bootstrap({name: run}) for name, run in GRID_RUNS.items()}
+    by_rows["all five, rows pooled"] = row_bootstrap(GRID_RUNS)
     by_problems = {name: {(g["a"], g["b"]): g for g in report.gap_summary(rows_of(run), run, "raw")}
-                   for name, run in RUNS.items()}
+                   for name, run in GRID_RUNS.items()}
     for a, b in PAIRS:
         print(f"  student({a}) - student({b}):")
         for name, table in by_rows.items():
@@ -160,6 +166,30 @@ def print_replicates():
             only = f"problems {problems['low']:+.1f} to {problems['high']:+.1f}; " if problems else ""
             print(f"    {name:<24} {gap:+5.1f}   {only}rows and problems {low:+.1f} to {high:+.1f} "
                   f"({kept} of 2000 resamples overlap)")
+        gaps = np.array([by_problems[name][(a, b)]["gap"] for name in GRID_RUNS])
+        print(f"    {'runs: mean, sd':<24} {gaps.mean():+5.1f}   sd {gaps.std(ddof=1):.1f} over {len(gaps)} runs")
+
+
+def curve(points):
+    """(xs, ys) of a series' curve as report.curve_gap draws it: rows at equal x averaged."""
+    xs = sorted({x for x, _ in points})
+    return np.array(xs), np.array([np.mean([y for x2, y in points if x2 == x]) for x in xs])
+
+
+def print_gap_by_teacher_accuracy(levels=(20, 40, 60, 80, 90)):
+    print("\n(6) student(ADS) - student(temperature) at given teacher accuracies (raw, percent points; "
+          "'.' where a curve does not reach)")
+    print(f"  {'run':<10}" + "".join(f"{f'at {x}%':>9}" for x in levels))
+    for name, run in GRID_RUNS.items():
+        rows = rows_of(run)
+        teacher = {r["name"]: raw(r["teacher"]) for r in rows}
+        student = {r["name"]: raw(r["student"]) for r in rows}
+        ads, temp = (curve(report.series_points(rows, s, teacher, student)) for s in ("ADS", "temperature"))
+        cells = []
+        for x in levels:
+            inside = all(c[0][0] <= x <= c[0][-1] for c in (ads, temp))
+            cells.append(f"{np.interp(x, *ads) - np.interp(x, *temp):+9.1f}" if inside else f"{'.':>9}")
+        print(f"  {name:<10}" + "".join(cells))
 
 
 if __name__ == "__main__":
@@ -172,3 +202,4 @@ if __name__ == "__main__":
         print_without_failed(run, rows)
         print()
     print_replicates()
+    print_gap_by_teacher_accuracy()
