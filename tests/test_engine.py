@@ -248,6 +248,20 @@ def test_sort_free_sampler_equals_sampling_py(top_k, top_p):
     assert torch.equal(engine.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
 
 
+def test_row_reductions_in_pieces_equal_whole_row_ones_and_sample_the_same_tokens():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(16, 5000, generator=g) * 4  # 3 pieces of 2048, the last one padded
+    scores[0, 4999] = 40.0  # the row's maximum in the padded piece
+    assert torch.equal(engine.row_max(scores), scores.amax(-1, keepdim=True))
+    probs = engine.softmax_rows(scores)
+    assert torch.allclose(probs, torch.softmax(scores, -1), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(engine.row_sum(probs), torch.ones(16, 1))
+    assert torch.equal(engine.row_max(probs.view(torch.int32), 0), probs.view(torch.int32).amax(-1, keepdim=True))
+    u = torch.rand(16, generator=g)
+    for top_k, top_p in [(0, 0.95), (0, 0.5), (7, 0.9)]:
+        assert torch.equal(engine.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
+
+
 def test_jvp_mode_falls_back_to_the_reference_with_a_notice(teacher, proxies, proxy, capsys):
     grads = {n: torch.randn_like(p) for n, p in proxy.named_parameters()}
     models = decode_models(teacher, proxies, eos_ids=(3,))
