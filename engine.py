@@ -5,10 +5,9 @@ so neither the batch a row lands in nor its slot changes its sample), at a fract
 - every model keeps its K/V in a static (slots, kv_heads, max_len, head_dim) cache per layer, written
   and read by an attention function registered with transformers' AttentionInterface, so the
   Hugging Face model classes run unchanged and attention reads only the filled part of each row;
-- decode and prefill run Llama/Qwen2-form models through a Stack: per block, q/k/v and gate/up are
-  one weight each and the two proxies are stacked, so a proxy block is four batched matmuls for both
-  (the weights are re-laid in place, same values; other architectures use the Hugging Face modules);
-  on GPU the prefill blocks are compiled for any prompt count and width;
+- decode runs Llama/Qwen2-form models through a Stack: per block, q/k/v and gate/up are one weight
+  each and the two proxies are stacked, so a proxy block is four batched matmuls for both (the
+  weights are re-laid in place, same values; other architectures use the Hugging Face modules);
 - one decode step (teacher + both proxies + ADS score + sort-free top-k/top-p sampling + EOS and
   budget bookkeeping) is one CUDA graph replay, with each block, the score and the sampler fused by
   torch.compile while the graph is recorded; the host looks at the rows only every `check_every` steps;
@@ -108,17 +107,14 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, slot
     r, c = p.token_rows, p.token_cols
     k_cache[p.slots[r], :, p.positions[r, c]] = key[r, :, c]
     v_cache[p.slots[r], :, p.positions[r, c]] = value[r, :, c]
-    return prefill_attention(query, key, value, p.mask, scaling).transpose(1, 2), None
-
-
-def prefill_attention(q, k, v, mask, scale):
-    """Causal attention within left-padded prompts: q (n, heads, T, dim), k and v (n, kv_heads, T, dim).
-    K/V are expanded to every query head (prompt-sized, so cheap): the flash and memory-efficient
-    kernels do not all take grouped-query inputs; prompts of one length need no mask."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    # K/V expanded to every query head (prompt-sized, so cheap): the flash and memory-efficient
+    # kernels do not all take grouped-query inputs; prompts of one length need no mask
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     with sdpa_kernel(PREFILL_BACKENDS):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=p.mask, is_causal=p.mask is None,
+                                             scale=scaling)
+    return out.transpose(1, 2), None
 
 
 AttentionInterface.register(ATTENTION_NAME, slot_attention)
@@ -351,53 +347,23 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def block_qkv(h, cos, sin, w, shape):
-    """q, k, v of one block for N tokens of S stacked models, (S, N, heads or kv_heads, dim), with the
-    rotary embedding applied; h: (S, N, H), the block's normed input; cos, sin: (N, dim)."""
-    heads, kv_heads, dim = shape[:3]
-    S, N, _ = h.shape
-    qkv = linear(h, w["qkv"], w["qkv_bias"]).view(S, N, heads + 2 * kv_heads, dim)
-    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
-    cos, sin = cos[None, :, None], sin[None, :, None]
-    return rotate(q, cos, sin), rotate(k, cos, sin), v
-
-
-def block_rest(x, out, w, w_next, eps, act):
-    """The block after attention (out: (S, N, heads x dim)): output projection and MLP, each with its
-    residual; returns the new x and its norm for the next block (w_next: that block's input-norm
-    weight, or the final norm), so the two fuse."""
-    x = x + linear(out, w["o"], w["o_bias"])
-    gate, up = linear(rms_norm(x, w["post_norm"], eps), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
-    x = x + linear(act(gate) * up, w["down"], w["down_bias"])
-    return x, rms_norm(x, w_next, eps)
-
-
 def decode_block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w: dict, w_next, shape: tuple, act):
     """One transformer block for one new token per row, for S stacked models at once.
-    x: (S, B, H) residual stream, h: its input norm."""
+    x: (S, B, H) residual stream, h: its input norm; returns the new x and its norm for the next
+    block (w_next: that block's input-norm weight, or the final norm), so the two fuse."""
     heads, kv_heads, dim, scale, eps = shape
     S, B, _ = x.shape
-    q, k, v = block_qkv(h, cos, sin, w, shape)
+    qkv = linear(h, w["qkv"], w["qkv_bias"]).view(S, B, heads + 2 * kv_heads, dim)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache[rows, :, at] = k.reshape(S * B, kv_heads, dim)
     v_cache[rows, :, at] = v.reshape(S * B, kv_heads, dim)
     out = decode_attention(q.reshape(S * B, heads, dim), k_cache, v_cache, lengths, scale)
-    return block_rest(x, out.view(S, B, heads * dim), w, w_next, eps, act)
-
-
-def prefill_block(x, h, cos, sin, write, n, mask, k_cache, v_cache, w, w_next, shape, act, parts):
-    """One transformer block over n left-padded prompts of T tokens, flattened to N = n T, for S
-    stacked models: each real token's K/V goes to its slot (write: its index in the S x N tokens, its
-    cache row and position), then attention within each prompt.  parts: (block_qkv, block_rest), or
-    compiled copies of them; the attention between them runs as it is, for its kernel choice."""
-    heads, kv_heads, dim, scale, eps = shape
-    S, N, _ = x.shape
-    q, k, v = parts[0](h, cos, sin, w, shape)
-    token, row, at = write
-    k_cache[row, :, at] = k.reshape(S * N, kv_heads, dim)[token]
-    v_cache[row, :, at] = v.reshape(S * N, kv_heads, dim)[token]
-    by_prompt = lambda t: t.reshape(S * n, N // n, t.shape[2], dim).transpose(1, 2)  # noqa: E731
-    out = prefill_attention(by_prompt(q), by_prompt(k), by_prompt(v), mask, scale)
-    return parts[1](x, out.transpose(1, 2).reshape(S, N, heads * dim), w, w_next, eps, act)
+    x = x + linear(out.view(S, B, heads * dim), w["o"], w["o_bias"])
+    gate, up = linear(rms_norm(x, w["post_norm"], eps), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
+    x = x + linear(act(gate) * up, w["down"], w["down_bias"])
+    return x, rms_norm(x, w_next, eps)
 
 
 class Stack:
@@ -415,7 +381,6 @@ class Stack:
         self.shape = (cfg.num_attention_heads, cfg.num_key_value_heads, dim, first.scaling, cfg.rms_norm_eps)
         self.rotary, self.act = bodies[0].rotary_emb, bodies[0].layers[0].mlp.act_fn
         self.block = decode_block
-        self.prefill_parts = (block_qkv, block_rest)
         tied = [net.get_output_embeddings().weight is net.get_input_embeddings().weight for net in nets]
         self.embed = relay([[net.get_input_embeddings().weight] for net in nets])
         self.head = self.embed if all(tied) else relay([[net.get_output_embeddings().weight] for net in nets])
@@ -451,30 +416,7 @@ class Stack:
         for i, (w, (k_cache, v_cache)) in enumerate(zip(self.layers, self.caches)):
             w_next = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.final_norm
             x, h = self.block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w, w_next, self.shape, self.act)
-        return self.project(h)
-
-    def project(self, h):
-        """(S, B, V) logits of the final-normed hidden states h (S, B, H)."""
-        return torch.bmm(h, self.head.transpose(1, 2)) if h.shape[0] > 1 else (h[0] @ self.head[0].T)[None]
-
-    def prefill_logits(self, ids, p):
-        """(S, n, V) next-token logits of every model after the left-padded prompts ids (n, T), whose
-        real tokens' K/V go into the slots p names."""
-        S, (n, T) = self.embed.shape[0], ids.shape
-        slots = self.caches[0][0].shape[0] // S
-        x = self.embed[:, ids.reshape(-1)]
-        cos, sin = (t.reshape(n * T, -1) for t in self.rotary(x[0].view(n, T, -1), p.positions))
-        r, c = p.token_rows, p.token_cols
-        model = torch.arange(S, device=ids.device)[:, None]
-        write = ((model * n * T + r * T + c).reshape(-1), (model * slots + p.slots[r]).reshape(-1),
-                 p.positions[r, c].repeat(S))
-        mask = None if p.mask is None else p.mask.repeat(S, 1, 1, 1)
-        h = rms_norm(x, self.layers[0]["in_norm"], self.shape[-1])
-        for i, (w, (k_cache, v_cache)) in enumerate(zip(self.layers, self.caches)):
-            w_next = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.final_norm
-            x, h = prefill_block(x, h, cos, sin, write, n, mask, k_cache, v_cache, w, w_next, self.shape,
-                                 self.act, self.prefill_parts)
-        return self.project(h.view(S, n, T, -1)[:, :, -1])
+        return torch.bmm(h, self.head.transpose(1, 2)) if S > 1 else (h[0] @ self.head[0].T)[None]
 
 
 # sort-free nucleus sampling
@@ -635,7 +577,7 @@ def _architecture_gap(model):
 class Engine:
     """Decode slots for one request: static state tensors, the per-step function, prefill and refill."""
 
-    def __init__(self, models, params, slots, max_len, max_new, fused=True, fused_prefill=True):
+    def __init__(self, models, params, slots, max_len, max_new, fused=True):
         self.params, self.vocab, self.pad = params, models.vocab_size, models.pad_id
         self.nets = [models.teacher] + ([models.plus, models.minus] if params.uses_proxy else [])
         for net in self.nets:
@@ -666,7 +608,6 @@ class Engine:
         self.score = torch.zeros((slots, self.vocab), dtype=torch.float32, device=device)
         self.graph = None
         self.compiled = "nothing"    # what capture() managed to compile
-        self.fused_prefill = fused_prefill
 
     def decode_logits(self, ids, pos):
         """Next-token logits of every model for one token per slot, cut to the tokenizer's ids."""
@@ -676,17 +617,6 @@ class Engine:
                 logits += self.forward(ids[:, None], pos[:, None], nets=nets)
             else:
                 logits += list(stack.logits(ids, pos)[:, :, :self.vocab].unbind(0))
-        return logits
-
-    def prefill_logits(self, ids, prefill):
-        """Last-position logits of every model for left-padded prompts, cut to the tokenizer's ids;
-        through the Stacks unless fused_prefill is off."""
-        logits = []
-        for nets, stack in self.groups:
-            if stack is None or not self.fused_prefill:
-                logits += self.forward(ids, prefill.positions, prefill, nets=nets)
-            else:
-                logits += list(stack.prefill_logits(ids, prefill)[:, :, :self.vocab].unbind(0))
         return logits
 
     def forward(self, ids, positions, prefill=None, nets=None):
@@ -756,9 +686,8 @@ class Engine:
         while every slot is still empty (done), so they leave no trace in the results.  With
         compile_layers, each transformer block, the score and the top-k/top-p filter run through
         torch.compile while the graph is recorded (fusing norms, rotary, activations and the passes
-        over B x V), and so do the Stacks' prefill blocks (compile_prefill).  A compiler failure must
-        not stop generation: then the score and filter, and if that is not enough the blocks too, fall
-        back to eager kernels."""
+        over B x V); prefill stays eager.  A compiler failure must not stop generation: then the
+        score and filter, and if that is not enough the blocks too, fall back to eager kernels."""
         self.tune()
         blocks = [b for nets, stack in self.groups if stack is None for net in nets for b in decoder_layers(net)]
         tiers = [("blocks, score and filter", True, True), ("blocks", True, False)] if compile_layers else []
@@ -777,32 +706,8 @@ class Engine:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.step()
-            if self.compiled != "nothing" and self.fused_prefill:
-                self.compile_prefill()
         finally:
             self.compile_parts(blocks, False, False)
-
-    def compile_prefill(self):
-        """Compile each Stack's prefill blocks for any prompt count and width (the groups vary) and
-        run them once on two dummy prompts written into slot 0, which every real prefill overwrites,
-        so the first real prefill does not wait for the compiler.  They fuse the elementwise work that
-        made up a third of an eager prefill (bench/README.md).  On a compiler failure prefill stays
-        eager."""
-        ids = torch.full((2, 3), self.pad, dtype=torch.long, device=self.device)
-        dummy = Prefill(positions=torch.arange(3, device=self.device).expand(2, 3),
-                        slots=torch.zeros(2, dtype=torch.long, device=self.device),
-                        token_rows=torch.arange(2, device=self.device).repeat_interleave(3),
-                        token_cols=torch.arange(3, device=self.device).repeat(2), mask=None)
-        for _, stack in self.groups:
-            if stack is None:
-                continue
-            stack.prefill_parts = (torch.compile(block_qkv, dynamic=True), torch.compile(block_rest, dynamic=True))
-            try:
-                stack.prefill_logits(ids, dummy)
-            except Exception as e:
-                print(f"engine: torch.compile of the prefill blocks failed ({type(e).__name__}: {str(e)[:200]}), "
-                      "prefilling eagerly", file=sys.stderr)
-                stack.prefill_parts = (block_qkv, block_rest)
 
     def compile_parts(self, hf_blocks, blocks, score):
         """Route the decode step through compiled (True) or eager (False) blocks and score/filter."""
@@ -855,7 +760,7 @@ class Engine:
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         prefill = Prefill(positions, slot_t, token_rows, token_cols, mask)
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.score[slot_t] = self.scores_of(self.prefill_logits(ids, prefill), rows_t, torch.zeros_like(rows_t))
+        self.score[slot_t] = self.scores_of(self.forward(ids, positions, prefill), rows_t, torch.zeros_like(rows_t))
         self.seq_len[slot_t] = torch.tensor([len(p) for p in prompts], device=self.device)
         self.row_id[slot_t] = rows_t
         self.budget[slot_t] = torch.tensor(budgets, dtype=torch.long, device=self.device)
@@ -870,7 +775,7 @@ class Engine:
 
 
 def generate(models, prompts, rows, max_new, params, batch_size, progress=None, *,
-             refill=True, check_every=None, timings=None, compile_layers=True, fused=True, fused_prefill=True):
+             refill=True, check_every=None, timings=None, compile_layers=True, fused=True):
     """Drop-in for sampling.generate_reference over any number of prompts with `batch_size` decode
     slots.  progress(n) is called with the number of newly generated tokens at each check (every
     `check_every` steps: 16 on GPU, 1 on CPU).  refill=False waits for a whole batch to finish
@@ -879,8 +784,7 @@ def generate(models, prompts, rows, max_new, params, batch_size, progress=None, 
     around prefill, for benchmarks).  compile_layers: on GPU, fuse each block's small kernels with
     torch.compile (off: plain eager kernels in the graph).  fused: decode Llama/Qwen2-form models
     through Stack (fused projections, proxies stacked; re-lays their weights in place, same values);
-    off: through the Hugging Face modules.  fused_prefill: prefill through the Stack as well (off:
-    through the Hugging Face modules)."""
+    off: through the Hugging Face modules."""
     reason = unsupported_reason(models, params)
     if reason:
         print(f"engine: {reason} is not supported, falling back to sampling.generate_reference", file=sys.stderr)
@@ -895,7 +799,7 @@ def generate(models, prompts, rows, max_new, params, batch_size, progress=None, 
     start = time.perf_counter()
     with torch.no_grad():
         engine = Engine(models, params, slots, max(len(prompts[i]) + max_new[i] for i in queue), max(max_new),
-                        fused=fused, fused_prefill=fused_prefill)
+                        fused=fused)
     on_gpu = engine.device.type == "cuda"
     check_every = check_every or (16 if on_gpu else 1)
     try:

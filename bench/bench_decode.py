@@ -28,8 +28,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="bench/results/h200.json", help="JSON results path")
 parser.add_argument("--stages", default="check,engine,reference,unfused", help="comma list of stages to run: "
                     "check, profile, engine, reference, unfused (engine through the HF modules), eagerblocks, "
-                    "wholerows (the sampler's row reductions one program per row, as before ROW_PIECE), "
-                    "hfprefill (prefill through the HF modules, as before the Stack's prefill), longtail")
+                    "wholerows (the sampler's row reductions one program per row, as before ROW_PIECE), longtail")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
 parser.add_argument("--new", type=int, default=512, help="generated tokens per row (EOS ignored)")
@@ -127,7 +126,7 @@ def roofline(batch, context, models):
 
 
 def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, compile_layers=True, fused=True,
-                row_piece=engine.ROW_PIECE, fused_prefill=True):
+                row_piece=engine.ROW_PIECE):
     prompts = prompts or random_prompts(batch, args.prompt_len, batch)
     budgets = budgets or [args.new] * len(prompts)
     torch.cuda.synchronize()
@@ -137,15 +136,14 @@ def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, 
     start = time.perf_counter()
     try:
         tokens, _ = engine.generate(models, prompts, list(range(len(prompts))), budgets, params, batch,
-                                    refill=refill, timings=timings, compile_layers=compile_layers, fused=fused,
-                                    fused_prefill=fused_prefill)
+                                    refill=refill, timings=timings, compile_layers=compile_layers, fused=fused)
     finally:
         engine.ROW_PIECE = default
     wall = time.perf_counter() - start - timings["capture_s"]
     n = sum(len(t) for t in tokens)
     return dict(batch=batch, generated=n, wall_s=wall, setup_s=timings["capture_s"], compile_layers=compile_layers,
                 compiled=timings["compiled"], fused=fused, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
-                steps=timings["steps"], row_piece=row_piece, fused_prefill=fused_prefill, tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
+                steps=timings["steps"], row_piece=row_piece, tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
                 tok_s=n / wall, decode_tok_s=n / timings["decode_s"],
                 ms_per_step=1e3 * timings["decode_s"] / timings["steps"],
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -294,7 +292,6 @@ def main():
             variants += [("unfused", dict(fused=False))] if "unfused" in stages and b == 192 and mode == "ads" else []
             variants += [("eagerblocks", dict(compile_layers=False))] if "eagerblocks" in stages and b == 192 else []
             variants += [("wholerows", dict(row_piece=VOCAB))] if "wholerows" in stages and b == 192 else []
-            variants += [("hfprefill", dict(fused_prefill=False))] if "hfprefill" in stages and b == 192 else []
             mine = {}
             for name, kw in variants:
                 r = time_engine(models, params, b, **kw)

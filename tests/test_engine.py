@@ -169,7 +169,7 @@ def test_step_scores_match_from_scratch_recomputation(teacher, proxies):
         eng.release()
 
 
-def test_fused_stack_prefills_and_decodes_like_the_hugging_face_modules_and_keeps_the_models_unchanged(teacher, proxies):
+def test_fused_stack_decodes_like_the_hugging_face_modules_and_keeps_the_models_unchanged(teacher, proxies):
     models = decode_models(teacher, proxies, eos_ids=(3, 9))
     params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=3)
     prompts, rows, max_new = ragged_prompts(5, seed=18), list(range(5)), [6, 2, 9, 4, 7]
@@ -178,8 +178,7 @@ def test_fused_stack_prefills_and_decodes_like_the_hugging_face_modules_and_keep
         before = [m(input_ids=ids).logits for m in (teacher, *proxies)]
     unfused = engine.generate(models, prompts, rows, max_new, params, batch_size=3, fused=False)
     fused = engine.generate(models, prompts, rows, max_new, params, batch_size=3)
-    hf_prefill = engine.generate(models, prompts, rows, max_new, params, batch_size=3, fused_prefill=False)
-    assert fused == unfused == hf_prefill
+    assert fused == unfused
     with torch.no_grad():  # the Stack re-laid the weights in place: same values, so the same outputs
         after = [m(input_ids=ids).logits for m in (teacher, *proxies)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
