@@ -253,7 +253,7 @@ def teacher_examples(tok, problems, system_prompt, rng, styles):
 def encode(tok, texts, add_special_tokens=False):
     """Token ids of many texts in one call: the same ids as one call each, in a fraction of the time
     (and on every core when TOKENIZERS_PARALLELISM allows it)."""
-    return tok(texts, add_special_tokens=add_special_tokens).input_ids
+    return tok(texts, add_special_tokens=add_special_tokens).input_ids if texts else []
 
 
 def text_examples(tok, texts):

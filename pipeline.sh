@@ -75,10 +75,13 @@ prepare() {
 
 # with parallel rows, prepare() runs beside the temperature rows and the references, which need
 # neither of its outputs until their distill; a stage that needs one waits here for it (both are
-# renamed into place when complete), and fails once prepare() has ended without making it
+# renamed into place when complete), and fails once prepare() has ended (its exit status is in
+# PREP_STATUS, a name of this run's own) without making it
+PREP_STATUS=$EXP_DIR/logs/.prepare.$$.status
+trap 'rm -f "$PREP_STATUS"' EXIT
 await() {
     while [[ ! -e $1 ]]; do
-        if ! kill -0 "${PREP_PID:-}" 2>/dev/null && [[ ! -e $1 ]]; then
+        if [[ -s $PREP_STATUS && ! -e $1 ]]; then
             echo "pipeline: $1 was not made: the holdout or gradient stage failed (see the [prepare] lines)" >&2
             return 1
         fi
@@ -150,6 +153,7 @@ row_loop() {
 }
 if ((PARALLEL == 1)); then
     prepare
+    echo 0 > "$PREP_STATUS"
     row_loop 0
     run_references
 else
@@ -157,9 +161,8 @@ else
     # prepare() runs
     [[ -z $GRID_ROWS ]] || mapfile -t ROWS < <(printf '%s\n' "${ROWS[@]}" \
         | awk '$2 == "0.00e+00" {print; next} {later[n++] = $0} END {for (i = 0; i < n; i++) print later[i]}')
-    (prepare) > >(sed -u "s/^/[prepare] /") 2>&1 &
-    PREP_PID=$!
-    PIDS=($PREP_PID)
+    (trap 'echo $? > "$PREP_STATUS"' EXIT; prepare) > >(sed -u "s/^/[prepare] /") 2>&1 &
+    PIDS=($!)
     (run_references) > >(sed -u "s/^/[references] /") 2>&1 &
     PIDS+=($!)
     for ((j = 0; j < PARALLEL; j++)); do

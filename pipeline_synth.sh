@@ -18,13 +18,13 @@ ASSETS=${ASSETS:-$EXP_DIR/assets}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many small processes share the CPU cores
 
-# the asset build runs alone, so its tokenizers may use every core
+# no other stage runs during the asset build, so its tokenizers may use every core
 TOKENIZERS_PARALLELISM=true python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 
 export TEACHER=$ASSETS/teacher PROXY=$ASSETS/proxy STUDENT=$ASSETS/student STUDENT_TOKENIZER=$ASSETS/student
 export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
 # every row at once: each process alone leaves the GPU mostly idle (small models, launch-bound steps);
-# with the 20 synth students training, one H200 had 125 of its 140 GiB in use
+# with the 20 synth students training, one H200 had up to 125 of its 140 GiB in use
 export PARALLEL=${PARALLEL:-$(python grid.py --grid "$GRID" | wc -l)}
 # one plain process per stage: the models are small, so rows run side by side instead of across GPUs;
 # accelerate's launcher would add its own interpreter and torch import to every stage start

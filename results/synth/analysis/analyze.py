@@ -1,6 +1,6 @@
 """How robust is the synth reproduction's ADS-temperature gap? The run in results/synth and its
-replicate in results/synth/seed2 (same assets seed, other trace and student seeds), then every run of
-this grid together: these two, v4/ and v4/seed2/, and v3/.
+replicate in results/synth/seed2 (same assets seed, yet another teacher; other trace and student
+seeds), then every run of this grid together: these two, v4/ and v4/seed2/, and v3/.
 
 Reads only files committed beside it: each run's registry, per-problem grades, teacher eval
 completions and students' train summaries. Prints, for each run, (1) each student's loss on the
