@@ -76,12 +76,12 @@ prepare() {
 # with parallel rows, prepare() runs beside the temperature rows and the references, which need
 # neither of its outputs until their distill; a stage that needs one waits here for it (both are
 # renamed into place when complete), and fails once prepare() has ended (its exit status is in
-# PREP_STATUS, a name of this run's own) without making it
+# PREP_STATUS, a name of this run's own) without making it; run serially, prepare() has already ended
 PREP_STATUS=$EXP_DIR/logs/.prepare.$$.status
 trap 'rm -f "$PREP_STATUS"' EXIT
 await() {
     while [[ ! -e $1 ]]; do
-        if [[ -s $PREP_STATUS && ! -e $1 ]]; then
+        if ((PARALLEL == 1)) || [[ -s $PREP_STATUS && ! -e $1 ]]; then
             echo "pipeline: $1 was not made: the holdout or gradient stage failed (see the [prepare] lines)" >&2
             return 1
         fi
@@ -153,7 +153,6 @@ row_loop() {
 }
 if ((PARALLEL == 1)); then
     prepare
-    echo 0 > "$PREP_STATUS"
     row_loop 0
     run_references
 else
