@@ -4,14 +4,14 @@ The teacher (Qwen2, R1-Distill-style template) is trained until its greedy trace
 problems, answer forcing included. The proxy (Qwen2, the teacher's tokenizer, another padded vocab
 width) and the student (Llama, Llama-3-style template, its own vocabulary) are base models pretrained
 on domain text. The three train side by side, one process each (on CPU, as many as the cores allow).
-Deterministic data for a seed, and models on CPU. On GPU, three synth builds ended the proxy and the
-student at the same losses, to the last digit, but stopped the teacher at different steps (1,000, 1,600
-and 1,400; cause not found). Two profiles:
+Deterministic data for a seed, and models on CPU. On GPU, five synth builds ended the proxy and the
+student at the same losses, to the last digit, but stopped the teacher at different steps (1,000 to
+1,600; cause not found). Two profiles:
   tiny   the CI pipeline's assets: one-digit problems, sub-million-parameter models; about 75 s on 2 CPU cores
   synth  the one-GPU reproduction: two-digit problems of 3-5 numbered events, traces written in varied
          styles (room for ADS to choose among correct tokens); a 25M-parameter teacher, and a proxy and
          a student of its size pretrained on the questions and on arithmetic facts, never on
-         solutions; about 3 minutes on one H200 (188 and 176 s in two runs)
+         solutions; about 3 minutes on one H200 (146-188 s in the four runs of results/synth)
 
     python make_assets.py --out tiny_assets
     python make_assets.py --profile synth --out exp/synth/assets

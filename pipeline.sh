@@ -78,7 +78,6 @@ prepare() {
 # renamed into place when complete), and fails once prepare() has ended (its exit status is in
 # PREP_STATUS, a name of this run's own) without making it; run serially, prepare() has already ended
 PREP_STATUS=$EXP_DIR/logs/.prepare.$$.status
-trap 'rm -f "$PREP_STATUS"' EXIT
 await() {
     while [[ ! -e $1 ]]; do
         if ((PARALLEL == 1)) || [[ -s $PREP_STATUS && ! -e $1 ]]; then
@@ -91,19 +90,18 @@ await() {
 
 # 3-6. one grid row: tau lam eps [control], names use %.2e; lam = 0 is plain temperature sampling
 run_row() {
-    local TAU=$1 LAM=$2 EPS=$3 CONTROL=${4:-none} NAME ROW ROW_BATCH MODEL_DIR
+    local TAU=$1 LAM=$2 EPS=$3 CONTROL=${4:-none} NAME ROW ROW_BATCH=$BATCH ADS=false MODEL_DIR
+    [[ $LAM == 0.00e+00 ]] || { ADS=true; ROW_BATCH=$ADS_BATCH; }  # ADS: three models, and the gradient
     NAME=tau${TAU}_lam${LAM}_eps${EPS}
     ROW=(tau="$TAU" lam="$LAM" eps="$EPS" grad_path="$GRADS")
     if [[ $CONTROL != none ]]; then
         NAME=${NAME}_$CONTROL
         ROW+=(ads_control="$CONTROL")
     fi
-    ROW_BATCH=$BATCH
-    [[ $LAM == 0.00e+00 ]] || ROW_BATCH=$ADS_BATCH
     MODEL_DIR=$EXP_DIR/models/student_$NAME
 
     if [[ ! -d $TRACES/$NAME ]]; then
-        [[ $LAM == 0.00e+00 ]] || await "$GRADS"
+        if $ADS; then await "$GRADS"; fi
         stage "$NAME: train traces"
         gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_train" "${ROW[@]}" \
             max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="$NAME"
@@ -120,7 +118,7 @@ run_row() {
             max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$NAME"
     fi
     if [[ ! -d $TRACES/eval_teacher_$NAME ]]; then
-        [[ $LAM == 0.00e+00 ]] || await "$GRADS"
+        if $ADS; then await "$GRADS"; fi
         stage "$NAME: teacher eval"
         gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_test" "${ROW[@]}" \
             max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="eval_teacher_$NAME"
@@ -160,6 +158,7 @@ else
     # prepare() runs
     [[ -z $GRID_ROWS ]] || mapfile -t ROWS < <(printf '%s\n' "${ROWS[@]}" \
         | awk '$2 == "0.00e+00" {print; next} {later[n++] = $0} END {for (i = 0; i < n; i++) print later[i]}')
+    trap 'rm -f "$PREP_STATUS"' EXIT
     (trap 'echo $? > "$PREP_STATUS"' EXIT; prepare) > >(sed -u "s/^/[prepare] /") 2>&1 &
     PIDS=($!)
     (run_references) > >(sed -u "s/^/[references] /") 2>&1 &
