@@ -5,9 +5,10 @@ so neither the batch a row lands in nor its slot changes its sample), at a fract
 - every model keeps its K/V in a static (slots, kv_heads, max_len, head_dim) cache per layer, written
   and read by an attention function registered with transformers' AttentionInterface, so the
   Hugging Face model classes run unchanged and attention reads only the filled part of each row;
-- decode runs Llama/Qwen2-form models through a Stack: per block, q/k/v and gate/up are one weight
-  each and the two proxies are stacked, so a proxy block is four batched matmuls for both (the
-  weights are re-laid in place, same values; other architectures use the Hugging Face modules);
+- decode and prefill run Llama/Qwen2-form models through a Stack: per block, q/k/v and gate/up are
+  one weight each and the two proxies are stacked, so a proxy block is four batched matmuls for both
+  (the weights are re-laid in place, same values; other architectures use the Hugging Face modules);
+  prefill's residual adds, norms, rotary and SiLU run in Triton kernels on GPU, one pass each;
 - one decode step (teacher + both proxies + ADS score + sort-free top-k/top-p sampling + EOS and
   budget bookkeeping) is one CUDA graph replay, with each block, the score and the sampler fused by
   torch.compile while the graph is recorded; the host looks at the rows only every `check_every` steps;
@@ -107,14 +108,17 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, slot
     r, c = p.token_rows, p.token_cols
     k_cache[p.slots[r], :, p.positions[r, c]] = key[r, :, c]
     v_cache[p.slots[r], :, p.positions[r, c]] = value[r, :, c]
-    # K/V expanded to every query head (prompt-sized, so cheap): the flash and memory-efficient
-    # kernels do not all take grouped-query inputs; prompts of one length need no mask
-    group = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    return prefill_attention(query, key, value, p.mask, scaling).transpose(1, 2), None
+
+
+def prefill_attention(q, k, v, mask, scale):
+    """Causal attention within left-padded prompts: q (n, heads, T, dim), k and v (n, kv_heads, T, dim).
+    K/V are expanded to every query head (prompt-sized, so cheap): the flash and memory-efficient
+    kernels do not all take grouped-query inputs; prompts of one length need no mask."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     with sdpa_kernel(PREFILL_BACKENDS):
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=p.mask, is_causal=p.mask is None,
-                                             scale=scaling)
-    return out.transpose(1, 2), None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
 AttentionInterface.register(ATTENTION_NAME, slot_attention)
@@ -347,23 +351,164 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+# The elementwise work of a block (residual adds, norms, rotary, SiLU) runs in the Triton kernels
+# below on GPU outside torch.compile: prefill is eager, and as torch ops it took a third of a
+# prefill's GPU time in ~100 kernels per block (bench/README.md).  Inside the compiled decode block
+# the torch ops are kept, for Inductor to fuse with their neighbours.
+
+def on_triton(x):
+    return x.is_cuda and triton is not None and not torch.compiler.is_compiling()
+
+
+def add_norm(x, y, weight, eps):
+    """(x + y, its RMSNorm) for x, y (S, N, H) and per-model weights (S, H); y None: x and its norm."""
+    if on_triton(x):
+        return add_norm_triton(x, y, weight, eps)
+    x = x if y is None else x + y
+    return x, rms_norm(x, weight, eps)
+
+
+def rotate_qk(qkv, cos, sin, heads, kv_heads):
+    """q, k, v of qkv (S, N, heads + 2 kv_heads, dim) with the rotary embedding applied to q and k
+    (cos, sin: (N, dim)); on GPU q and k are rotated in place."""
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    if on_triton(qkv) and _triton_head_dim(qkv.shape[-1]):
+        rotate_qk_triton(qkv, cos, sin, heads + kv_heads)
+        return q, k, v
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def gated(gate_up, act):
+    """act(gate) * up for gate_up = [gate | up] along the last axis."""
+    if act is F.silu and on_triton(gate_up):
+        return silu_mul_triton(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def add_norm_triton(x, y, weight, eps):
+    x, weight = x.contiguous(), weight.contiguous()
+    S, N, H = x.shape
+    out, h = (x, torch.empty_like(x)) if y is None else (torch.empty_like(x), torch.empty_like(x))
+    block = triton.next_power_of_2(H)
+    _add_rms_norm[(S * N,)](x, x if y is None else y.contiguous(), weight, out, h, N, H, eps,
+                            HAS_Y=y is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out, h
+
+
+def rotate_qk_triton(qkv, cos, sin, rotated_heads):
+    S, N, width, dim = qkv.shape
+    assert qkv.is_contiguous()
+    _rotary[(S * N,)](qkv, cos.contiguous(), sin.contiguous(), N, rotated_heads, width * dim,
+                      HALF=dim // 2, HEADS=triton.next_power_of_2(rotated_heads))
+
+
+def silu_mul_triton(gate_up, block=1024):
+    gate_up = gate_up.contiguous()
+    inter = gate_up.shape[-1] // 2
+    out = gate_up.new_empty((*gate_up.shape[:-1], inter))
+    _silu_mul[(out.numel() // inter, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _add_rms_norm(X, Y, W, Xout, Hout, rows_per_model, width, eps, HAS_Y: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r of (S N, H): Xout = X + Y rounded to X's dtype (torch's add), Hout = W[r // N] *
+        RMSNorm(Xout), the norm in float32 and rounded before the weight (Hugging Face's order)."""
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        live = cols < width
+        x = tl.load(X + r * width + cols, mask=live, other=0.0)
+        if HAS_Y:
+            y = tl.load(Y + r * width + cols, mask=live, other=0.0)
+            x = (x.to(tl.float32) + y.to(tl.float32)).to(Xout.dtype.element_ty)
+            tl.store(Xout + r * width + cols, x, mask=live)
+        xf = x.to(tl.float32)
+        h = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / width + eps)).to(Hout.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + (r // rows_per_model) * width + cols, mask=live, other=0.0).to(tl.float32)
+        tl.store(Hout + r * width + cols, (w * h).to(Hout.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def _rotary(QKV, Cos, Sin, rows_per_model, heads, row_width, HALF: tl.constexpr, HEADS: tl.constexpr):
+        """In place on the first `heads` heads of row r of QKV (S N, row_width): x * cos +
+        rotate_half(x) * sin, with each product and the sum rounded to QKV's dtype, as torch does."""
+        r = tl.program_id(0).to(tl.int64)
+        t = r % rows_per_model
+        hh = tl.arange(0, HEADS)[:, None]
+        d = tl.arange(0, HALF)[None, :]
+        live = hh < heads
+        at = QKV + r * row_width + hh * (2 * HALF) + d
+        dt = QKV.dtype.element_ty
+        x1 = tl.load(at, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(at + HALF, mask=live, other=0.0).to(tl.float32)
+        c1 = tl.load(Cos + t * 2 * HALF + d).to(tl.float32)
+        c2 = tl.load(Cos + t * 2 * HALF + HALF + d).to(tl.float32)
+        s1 = tl.load(Sin + t * 2 * HALF + d).to(tl.float32)
+        s2 = tl.load(Sin + t * 2 * HALF + HALF + d).to(tl.float32)
+        o1 = (x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)
+        o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+        tl.store(at, o1.to(dt), mask=live)
+        tl.store(at + HALF, o2.to(dt), mask=live)
+
+    @triton.jit
+    def _silu_mul(GU, Out, inter, BLOCK: tl.constexpr):
+        """Out[r] = silu(gate) * up for row r of GU = [gate | up], silu rounded to the dtype first
+        (torch's act_fn(gate) * up)."""
+        r = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = c < inter
+        dt = Out.dtype.element_ty
+        g = tl.load(GU + r * 2 * inter + c, mask=live, other=0.0).to(tl.float32)
+        u = tl.load(GU + r * 2 * inter + inter + c, mask=live, other=0.0).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(Out + r * inter + c, (a * u).to(dt), mask=live)
+
+
+def block_qkv(h, cos, sin, w, shape):
+    """q, k, v of one block for N tokens of S stacked models, (S, N, heads or kv_heads, dim), with the
+    rotary embedding applied; h: (S, N, H), the block's normed input; cos, sin: (N, dim)."""
+    heads, kv_heads, dim = shape[:3]
+    S, N, _ = h.shape
+    qkv = linear(h, w["qkv"], w["qkv_bias"]).view(S, N, heads + 2 * kv_heads, dim)
+    return rotate_qk(qkv, cos, sin, heads, kv_heads)
+
+
+def block_rest(x, out, w, w_next, eps, act):
+    """The block after attention (out: (S, N, heads x dim)): output projection and MLP, each with its
+    residual; returns the new x and its norm for the next block (w_next: that block's input-norm
+    weight, or the final norm), so the two fuse."""
+    x, h = add_norm(x, linear(out, w["o"], w["o_bias"]), w["post_norm"], eps)
+    up = gated(linear(h, w["gate_up"], w["gate_up_bias"]), act)
+    return add_norm(x, linear(up, w["down"], w["down_bias"]), w_next, eps)
+
+
 def decode_block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w: dict, w_next, shape: tuple, act):
     """One transformer block for one new token per row, for S stacked models at once.
-    x: (S, B, H) residual stream, h: its input norm; returns the new x and its norm for the next
-    block (w_next: that block's input-norm weight, or the final norm), so the two fuse."""
+    x: (S, B, H) residual stream, h: its input norm."""
     heads, kv_heads, dim, scale, eps = shape
     S, B, _ = x.shape
-    qkv = linear(h, w["qkv"], w["qkv_bias"]).view(S, B, heads + 2 * kv_heads, dim)
-    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
-    cos, sin = cos[None, :, None], sin[None, :, None]
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    q, k, v = block_qkv(h, cos, sin, w, shape)
     k_cache[rows, :, at] = k.reshape(S * B, kv_heads, dim)
     v_cache[rows, :, at] = v.reshape(S * B, kv_heads, dim)
     out = decode_attention(q.reshape(S * B, heads, dim), k_cache, v_cache, lengths, scale)
-    x = x + linear(out.view(S, B, heads * dim), w["o"], w["o_bias"])
-    gate, up = linear(rms_norm(x, w["post_norm"], eps), w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
-    x = x + linear(act(gate) * up, w["down"], w["down_bias"])
-    return x, rms_norm(x, w_next, eps)
+    return block_rest(x, out.view(S, B, heads * dim), w, w_next, eps, act)
+
+
+def prefill_block(x, h, cos, sin, write, n, mask, k_cache, v_cache, w, w_next, shape, act):
+    """One transformer block over n left-padded prompts of T tokens, flattened to N = n T, for S
+    stacked models: each real token's K/V goes to its slot (write: its index in the S x N tokens, its
+    cache row and position), then attention within each prompt."""
+    heads, kv_heads, dim, scale, eps = shape
+    S, N, _ = x.shape
+    q, k, v = block_qkv(h, cos, sin, w, shape)
+    token, row, at = write
+    k_cache[row, :, at] = k.reshape(S * N, kv_heads, dim)[token]
+    v_cache[row, :, at] = v.reshape(S * N, kv_heads, dim)[token]
+    by_prompt = lambda t: t.reshape(S * n, N // n, t.shape[2], dim).transpose(1, 2)  # noqa: E731
+    out = prefill_attention(by_prompt(q), by_prompt(k), by_prompt(v), mask, scale)
+    return block_rest(x, out.transpose(1, 2).reshape(S, N, heads * dim), w, w_next, eps, act)
 
 
 class Stack:
@@ -380,6 +525,8 @@ class Stack:
         first = bodies[0].layers[0].self_attn
         self.shape = (cfg.num_attention_heads, cfg.num_key_value_heads, dim, first.scaling, cfg.rms_norm_eps)
         self.rotary, self.act = bodies[0].rotary_emb, bodies[0].layers[0].mlp.act_fn
+        if cfg.hidden_act in ("silu", "swish"):
+            self.act = F.silu  # what their act_fn computes; gated() knows it and fuses it with the product
         self.block = decode_block
         tied = [net.get_output_embeddings().weight is net.get_input_embeddings().weight for net in nets]
         self.embed = relay([[net.get_input_embeddings().weight] for net in nets])
@@ -412,11 +559,33 @@ class Stack:
         rows = torch.arange(S * len(ids), device=ids.device)
         at = pos.repeat(S)
         lengths = at + 1
-        h = rms_norm(x, self.layers[0]["in_norm"], self.shape[-1])
+        x, h = add_norm(x, None, self.layers[0]["in_norm"], self.shape[-1])
         for i, (w, (k_cache, v_cache)) in enumerate(zip(self.layers, self.caches)):
             w_next = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.final_norm
             x, h = self.block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w, w_next, self.shape, self.act)
-        return torch.bmm(h, self.head.transpose(1, 2)) if S > 1 else (h[0] @ self.head[0].T)[None]
+        return self.project(h)
+
+    def project(self, h):
+        """(S, B, V) logits of the final-normed hidden states h (S, B, H)."""
+        return torch.bmm(h, self.head.transpose(1, 2)) if h.shape[0] > 1 else (h[0] @ self.head[0].T)[None]
+
+    def prefill_logits(self, ids, p):
+        """(S, n, V) next-token logits of every model after the left-padded prompts ids (n, T), whose
+        real tokens' K/V go into the slots p names."""
+        S, (n, T) = self.embed.shape[0], ids.shape
+        slots = self.caches[0][0].shape[0] // S
+        x = self.embed[:, ids.reshape(-1)]
+        cos, sin = (t.reshape(n * T, -1) for t in self.rotary(x[0].view(n, T, -1), p.positions))
+        r, c = p.token_rows, p.token_cols
+        model = torch.arange(S, device=ids.device)[:, None]
+        write = ((model * n * T + r * T + c).reshape(-1), (model * slots + p.slots[r]).reshape(-1),
+                 p.positions[r, c].repeat(S))
+        mask = None if p.mask is None else p.mask.repeat(S, 1, 1, 1)
+        x, h = add_norm(x, None, self.layers[0]["in_norm"], self.shape[-1])
+        for i, (w, (k_cache, v_cache)) in enumerate(zip(self.layers, self.caches)):
+            w_next = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.final_norm
+            x, h = prefill_block(x, h, cos, sin, write, n, mask, k_cache, v_cache, w, w_next, self.shape, self.act)
+        return self.project(h.view(S, n, T, -1)[:, :, -1])
 
 
 # sort-free nucleus sampling
@@ -577,7 +746,7 @@ def _architecture_gap(model):
 class Engine:
     """Decode slots for one request: static state tensors, the per-step function, prefill and refill."""
 
-    def __init__(self, models, params, slots, max_len, max_new, fused=True):
+    def __init__(self, models, params, slots, max_len, max_new, fused=True, fused_prefill=True):
         self.params, self.vocab, self.pad = params, models.vocab_size, models.pad_id
         self.nets = [models.teacher] + ([models.plus, models.minus] if params.uses_proxy else [])
         for net in self.nets:
@@ -608,6 +777,7 @@ class Engine:
         self.score = torch.zeros((slots, self.vocab), dtype=torch.float32, device=device)
         self.graph = None
         self.compiled = "nothing"    # what capture() managed to compile
+        self.fused_prefill = fused_prefill
 
     def decode_logits(self, ids, pos):
         """Next-token logits of every model for one token per slot, cut to the tokenizer's ids."""
@@ -617,6 +787,17 @@ class Engine:
                 logits += self.forward(ids[:, None], pos[:, None], nets=nets)
             else:
                 logits += list(stack.logits(ids, pos)[:, :, :self.vocab].unbind(0))
+        return logits
+
+    def prefill_logits(self, ids, prefill):
+        """Last-position logits of every model for left-padded prompts, cut to the tokenizer's ids;
+        through the Stacks unless fused_prefill is off."""
+        logits = []
+        for nets, stack in self.groups:
+            if stack is None or not self.fused_prefill:
+                logits += self.forward(ids, prefill.positions, prefill, nets=nets)
+            else:
+                logits += list(stack.prefill_logits(ids, prefill)[:, :, :self.vocab].unbind(0))
         return logits
 
     def forward(self, ids, positions, prefill=None, nets=None):
@@ -760,7 +941,7 @@ class Engine:
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         prefill = Prefill(positions, slot_t, token_rows, token_cols, mask)
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.score[slot_t] = self.scores_of(self.forward(ids, positions, prefill), rows_t, torch.zeros_like(rows_t))
+        self.score[slot_t] = self.scores_of(self.prefill_logits(ids, prefill), rows_t, torch.zeros_like(rows_t))
         self.seq_len[slot_t] = torch.tensor([len(p) for p in prompts], device=self.device)
         self.row_id[slot_t] = rows_t
         self.budget[slot_t] = torch.tensor(budgets, dtype=torch.long, device=self.device)
@@ -775,7 +956,7 @@ class Engine:
 
 
 def generate(models, prompts, rows, max_new, params, batch_size, progress=None, *,
-             refill=True, check_every=None, timings=None, compile_layers=True, fused=True):
+             refill=True, check_every=None, timings=None, compile_layers=True, fused=True, fused_prefill=True):
     """Drop-in for sampling.generate_reference over any number of prompts with `batch_size` decode
     slots.  progress(n) is called with the number of newly generated tokens at each check (every
     `check_every` steps: 16 on GPU, 1 on CPU).  refill=False waits for a whole batch to finish
@@ -784,7 +965,8 @@ def generate(models, prompts, rows, max_new, params, batch_size, progress=None, 
     around prefill, for benchmarks).  compile_layers: on GPU, fuse each block's small kernels with
     torch.compile (off: plain eager kernels in the graph).  fused: decode Llama/Qwen2-form models
     through Stack (fused projections, proxies stacked; re-lays their weights in place, same values);
-    off: through the Hugging Face modules."""
+    off: through the Hugging Face modules.  fused_prefill: prefill through the Stack as well (off:
+    through the Hugging Face modules)."""
     reason = unsupported_reason(models, params)
     if reason:
         print(f"engine: {reason} is not supported, falling back to sampling.generate_reference", file=sys.stderr)
@@ -799,7 +981,7 @@ def generate(models, prompts, rows, max_new, params, batch_size, progress=None, 
     start = time.perf_counter()
     with torch.no_grad():
         engine = Engine(models, params, slots, max(len(prompts[i]) + max_new[i] for i in queue), max(max_new),
-                        fused=fused)
+                        fused=fused, fused_prefill=fused_prefill)
     on_gpu = engine.device.type == "cuda"
     check_every = check_every or (16 if on_gpu else 1)
     try:

@@ -28,7 +28,8 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="bench/results/h200.json", help="JSON results path")
 parser.add_argument("--stages", default="check,engine,reference,unfused", help="comma list of stages to run: "
                     "check, profile, engine, reference, unfused (engine through the HF modules), eagerblocks, "
-                    "wholerows (the sampler's row reductions one program per row, as before ROW_PIECE), longtail")
+                    "wholerows (the sampler's row reductions one program per row, as before ROW_PIECE), "
+                    "hfprefill (prefill through the HF modules, as before the Stack's prefill), longtail")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
 parser.add_argument("--new", type=int, default=512, help="generated tokens per row (EOS ignored)")
@@ -99,12 +100,38 @@ def check(results):
     a = engine.decode_attention_triton(q, kc, vc, lengths, 128 ** -0.5).float()
     b = engine.decode_attention_torch(q, kc, vc, lengths, 128 ** -0.5).float()
     out["attention_rel_err_bf16"] = ((a - b).norm() / b.norm()).item()
+    out["prefill_kernels_bf16"] = check_prefill_kernels()
     scores = torch.randn(192, VOCAB, device="cuda") * 4
     u = torch.rand(192, device="cuda")
     same = (engine.sample_tokens(scores, u, 0, 0.95) == sample_from_scores(scores, u, 0, 0.95)).float().mean()
     out["sampler_token_match"] = same.item()
     results["check"] = out
     print(json.dumps(out, indent=1), flush=True)
+
+
+def check_prefill_kernels(tokens=4096):
+    """The prefill's Triton kernels against the torch ops they replace, in bf16 at the teacher's
+    shapes: the residual add and the rotary products round as torch's do, so they should match
+    exactly; the norm's and SiLU's float32 math may differ from torch's by a bf16 rounding step."""
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, y = torch.randn(1, tokens, 3584, **bf16), torch.randn(1, tokens, 3584, **bf16)
+    w = torch.rand(1, 3584, **bf16) + 0.5
+    x_out, h = engine.add_norm_triton(x, y, w, 1e-6)
+    h_want = engine.rms_norm(x + y, w, 1e-6)
+    qkv = torch.randn(1, tokens, 28 + 8, 128, **bf16)
+    angle = torch.randint(0, 32768, (tokens, 1), device="cuda") * 10000.0 ** -(torch.arange(0, 128, 2, device="cuda") / 128)
+    cos, sin = (f(torch.cat((angle, angle), -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    q, k, _ = qkv.split([28, 4, 4], dim=2)
+    q_want, k_want = (engine.rotate(t, cos[None, :, None], sin[None, :, None]) for t in (q, k))
+    engine.rotate_qk_triton(qkv, cos, sin, 32)
+    gate_up = torch.randn(1, tokens, 2 * 18944, **bf16)
+    silu = engine.silu_mul_triton(gate_up)
+    silu_want = torch.nn.functional.silu(gate_up[..., :18944]) * gate_up[..., 18944:]
+    return dict(add_equal=torch.equal(x_out, x + y), rotary_equal=torch.equal(q, q_want) and torch.equal(k, k_want),
+                norm_equal_frac=(h == h_want).float().mean().item(),
+                norm_max_abs=(h.float() - h_want.float()).abs().max().item(),
+                silu_mul_equal_frac=(silu == silu_want).float().mean().item(),
+                silu_mul_max_abs=(silu.float() - silu_want.float()).abs().max().item())
 
 
 def kv_bytes_per_token(m):
@@ -126,7 +153,7 @@ def roofline(batch, context, models):
 
 
 def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, compile_layers=True, fused=True,
-                row_piece=engine.ROW_PIECE):
+                row_piece=engine.ROW_PIECE, fused_prefill=True):
     prompts = prompts or random_prompts(batch, args.prompt_len, batch)
     budgets = budgets or [args.new] * len(prompts)
     torch.cuda.synchronize()
@@ -136,14 +163,15 @@ def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, 
     start = time.perf_counter()
     try:
         tokens, _ = engine.generate(models, prompts, list(range(len(prompts))), budgets, params, batch,
-                                    refill=refill, timings=timings, compile_layers=compile_layers, fused=fused)
+                                    refill=refill, timings=timings, compile_layers=compile_layers, fused=fused,
+                                    fused_prefill=fused_prefill)
     finally:
         engine.ROW_PIECE = default
     wall = time.perf_counter() - start - timings["capture_s"]
     n = sum(len(t) for t in tokens)
     return dict(batch=batch, generated=n, wall_s=wall, setup_s=timings["capture_s"], compile_layers=compile_layers,
                 compiled=timings["compiled"], fused=fused, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
-                steps=timings["steps"], row_piece=row_piece, tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
+                steps=timings["steps"], row_piece=row_piece, fused_prefill=fused_prefill, tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
                 tok_s=n / wall, decode_tok_s=n / timings["decode_s"],
                 ms_per_step=1e3 * timings["decode_s"] / timings["steps"],
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -292,6 +320,7 @@ def main():
             variants += [("unfused", dict(fused=False))] if "unfused" in stages and b == 192 and mode == "ads" else []
             variants += [("eagerblocks", dict(compile_layers=False))] if "eagerblocks" in stages and b == 192 else []
             variants += [("wholerows", dict(row_piece=VOCAB))] if "wholerows" in stages and b == 192 else []
+            variants += [("hfprefill", dict(fused_prefill=False))] if "hfprefill" in stages and b == 192 else []
             mine = {}
             for name, kw in variants:
                 r = time_engine(models, params, b, **kw)

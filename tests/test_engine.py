@@ -169,7 +169,7 @@ def test_step_scores_match_from_scratch_recomputation(teacher, proxies):
         eng.release()
 
 
-def test_fused_stack_decodes_like_the_hugging_face_modules_and_keeps_the_models_unchanged(teacher, proxies):
+def test_fused_stack_prefills_and_decodes_like_the_hugging_face_modules_and_keeps_the_models_unchanged(teacher, proxies):
     models = decode_models(teacher, proxies, eos_ids=(3, 9))
     params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=3)
     prompts, rows, max_new = ragged_prompts(5, seed=18), list(range(5)), [6, 2, 9, 4, 7]
@@ -178,7 +178,8 @@ def test_fused_stack_decodes_like_the_hugging_face_modules_and_keeps_the_models_
         before = [m(input_ids=ids).logits for m in (teacher, *proxies)]
     unfused = engine.generate(models, prompts, rows, max_new, params, batch_size=3, fused=False)
     fused = engine.generate(models, prompts, rows, max_new, params, batch_size=3)
-    assert fused == unfused
+    hf_prefill = engine.generate(models, prompts, rows, max_new, params, batch_size=3, fused_prefill=False)
+    assert fused == unfused == hf_prefill
     with torch.no_grad():  # the Stack re-laid the weights in place: same values, so the same outputs
         after = [m(input_ids=ids).logits for m in (teacher, *proxies)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
@@ -321,6 +322,20 @@ for chunk, sub, _, column in engine.MASS_CONFIGS:
     part = torch.empty(4, n, 16)
     engine._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
     assert torch.allclose(part.sum(1), want, atol=1e-5), (chunk, sub, column)
+# the prefill's elementwise kernels against the torch ops they replace (float32: the interpreter
+# truncates float32 -> bfloat16 where the GPU rounds to nearest, so bfloat16 is checked on the GPU)
+x, y, w = torch.randn(2, 5, 48), torch.randn(2, 5, 48), torch.randn(2, 48)
+for add in (None, y):
+    x_out, h = engine.add_norm_triton(x, add, w, 1e-6)
+    want = x if add is None else x + add
+    assert torch.equal(x_out, want) and torch.allclose(h, engine.rms_norm(want, w, 1e-6), atol=1e-5)
+qkv, cos, sin = torch.randn(2, 5, 6 + 2 + 2, 32), torch.randn(5, 32), torch.randn(5, 32)
+want = engine.rotate_qk(qkv.clone(), cos, sin, 6, 2)
+engine.rotate_qk_triton(qkv, cos, sin, 6 + 2)
+assert all(torch.equal(a, b) for a, b in zip(qkv.split([6, 2, 2], dim=2), want))
+gate_up = torch.randn(2, 5, 2 * 1500)  # two column blocks, the second one partly masked
+want = torch.nn.functional.silu(gate_up[..., :1500]) * gate_up[..., 1500:]
+assert torch.allclose(engine.silu_mul_triton(gate_up), want, atol=1e-6)
 """
 
 
