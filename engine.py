@@ -668,13 +668,33 @@ def nucleus_probs(scores, top_k=0, top_p=1.0):
     return probs
 
 
+def inverse_cdf(probs, u):
+    """Per row, the first index whose running sum of probs reaches u times the row's total, in
+    vocabulary order, summed in two levels: over ROW_PIECE-wide pieces, then inside the one piece
+    that holds the target (one scan over the 151k-wide rows took 0.36 ms per step on an H200).
+    Whatever the rounding, the index has a positive probability (for u > 0)."""
+    B, V = probs.shape
+    width = min(ROW_PIECE, V)
+    n = -(-V // width)
+    sums = torch.cat([probs[:, :(n - 1) * width].reshape(B, n - 1, width).sum(-1),
+                      probs[:, (n - 1) * width:].sum(-1, keepdim=True)], -1)
+    piece_cdf = sums.cumsum(-1)
+    target = u[:, None] * piece_cdf[:, -1:]
+    j = (piece_cdf < target).sum(-1, keepdim=True).clamp(max=n - 1)   # its piece: sum > 0
+    before = torch.where(j > 0, piece_cdf.gather(1, (j - 1).clamp(min=0)), 0.0)
+    cols = j * width + torch.arange(width, device=probs.device)
+    inside = torch.where(cols < V, probs.gather(1, cols.clamp(max=V - 1)), 0.0)
+    i = (inside.cumsum(-1) < target - before).sum(-1, keepdim=True)
+    # the piece's own running sum can fall short of its total by rounding: then its last positive entry
+    last = width - 1 - (inside.flip(-1) > 0).int().argmax(-1, keepdim=True)
+    return (j * width + torch.minimum(i, last)).squeeze(-1)
+
+
 def sample_tokens(scores, u, top_k=0, top_p=1.0, filtered=nucleus_probs):
     """softmax(scores) -> top-k -> top-p -> inverse-CDF in vocabulary order with one uniform per row:
     sampling.sample_from_scores without its sort.  filtered: nucleus_probs, or a compiled copy (the
-    cumsum stays outside: Inductor in torch 2.11 failed to generate its split scan over 151k columns)."""
-    probs = filtered(scores, top_k, top_p)
-    cdf = probs.cumsum(-1)
-    return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+    inverse CDF stays outside: Inductor in torch 2.11 failed to generate a scan over 151k columns)."""
+    return inverse_cdf(filtered(scores, top_k, top_p), u)
 
 
 # kernel tuning: the fastest layout of each Triton kernel depends on the GPU and the shapes

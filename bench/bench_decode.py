@@ -29,6 +29,7 @@ parser.add_argument("--out", default="bench/results/h200.json", help="JSON resul
 parser.add_argument("--stages", default="check,engine,reference,unfused", help="comma list of stages to run: "
                     "check, profile, engine, reference, unfused (engine through the HF modules), eagerblocks, "
                     "wholerows (the sampler's row reductions one program per row, as before ROW_PIECE), "
+                    "wholescan (the sampler's inverse CDF one scan per row, as before engine.inverse_cdf), "
                     "hfprefill (prefill through the HF modules, as before the Stack's prefill), longtail")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
@@ -127,7 +128,9 @@ def check_prefill_kernels(tokens=4096):
     gate_up = torch.randn(1, tokens, 2 * 18944, **bf16)
     silu = engine.silu_mul_triton(gate_up)
     silu_want = torch.nn.functional.silu(gate_up[..., :18944]) * gate_up[..., 18944:]
-    return dict(add_equal=torch.equal(x_out, x + y), rotary_equal=torch.equal(q, q_want) and torch.equal(k, k_want),
+    rotated, rotated_want = torch.cat((q, k), 2), torch.cat((q_want, k_want), 2)
+    return dict(add_equal=torch.equal(x_out, x + y), rotary_equal_frac=(rotated == rotated_want).float().mean().item(),
+                rotary_max_abs=(rotated.float() - rotated_want.float()).abs().max().item(),
                 norm_equal_frac=(h == h_want).float().mean().item(),
                 norm_max_abs=(h.float() - h_want.float()).abs().max().item(),
                 silu_mul_equal_frac=(silu == silu_want).float().mean().item(),
@@ -152,26 +155,39 @@ def roofline(batch, context, models):
     return max(weight_bytes / COPY_BW, flops / MATMUL_PEAK) + kv / COPY_BW
 
 
+def scan_whole_rows(probs, u):
+    """The sampler's inverse CDF as one scan over each whole row, as the engine had it before
+    engine.inverse_cdf (the wholescan variant)."""
+    cdf = probs.cumsum(-1)
+    return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
 def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, compile_layers=True, fused=True,
-                row_piece=engine.ROW_PIECE, fused_prefill=True):
+                fused_prefill=True, patch=None):
+    """engine.generate over the workload; patch: engine module attributes swapped in for this run
+    only (a variant's older piece of the sampler)."""
     prompts = prompts or random_prompts(batch, args.prompt_len, batch)
     budgets = budgets or [args.new] * len(prompts)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     timings = {}
-    default, engine.ROW_PIECE = engine.ROW_PIECE, row_piece
+    patch = patch or {}
+    kept = {name: getattr(engine, name) for name in patch}
+    for name, value in patch.items():
+        setattr(engine, name, value)
     start = time.perf_counter()
     try:
         tokens, _ = engine.generate(models, prompts, list(range(len(prompts))), budgets, params, batch,
                                     refill=refill, timings=timings, compile_layers=compile_layers, fused=fused,
                                     fused_prefill=fused_prefill)
     finally:
-        engine.ROW_PIECE = default
+        for name, value in kept.items():
+            setattr(engine, name, value)
     wall = time.perf_counter() - start - timings["capture_s"]
     n = sum(len(t) for t in tokens)
     return dict(batch=batch, generated=n, wall_s=wall, setup_s=timings["capture_s"], compile_layers=compile_layers,
                 compiled=timings["compiled"], fused=fused, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
-                steps=timings["steps"], row_piece=row_piece, fused_prefill=fused_prefill, tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
+                steps=timings["steps"], patched=sorted(patch), fused_prefill=fused_prefill, tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
                 tok_s=n / wall, decode_tok_s=n / timings["decode_s"],
                 ms_per_step=1e3 * timings["decode_s"] / timings["steps"],
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -319,7 +335,8 @@ def main():
             variants = [("engine", {})] if "engine" in stages else []
             variants += [("unfused", dict(fused=False))] if "unfused" in stages and b == 192 and mode == "ads" else []
             variants += [("eagerblocks", dict(compile_layers=False))] if "eagerblocks" in stages and b == 192 else []
-            variants += [("wholerows", dict(row_piece=VOCAB))] if "wholerows" in stages and b == 192 else []
+            variants += [("wholerows", dict(patch=dict(ROW_PIECE=VOCAB)))] if "wholerows" in stages and b == 192 else []
+            variants += [("wholescan", dict(patch=dict(inverse_cdf=scan_whole_rows)))] if "wholescan" in stages and b == 192 else []
             variants += [("hfprefill", dict(fused_prefill=False))] if "hfprefill" in stages and b == 192 else []
             mine = {}
             for name, kw in variants:

@@ -263,6 +263,26 @@ def test_row_reductions_in_pieces_equal_whole_row_ones_and_sample_the_same_token
         assert torch.equal(engine.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
 
 
+def test_inverse_cdf_in_pieces_picks_the_whole_row_scans_token_and_never_a_zero_probability_one():
+    g = torch.Generator().manual_seed(5)
+    probs = torch.rand(64, 5000, generator=g, dtype=torch.float64) ** 8   # 3 pieces of 2048, the last padded
+    probs[probs < 0.3] = 0.0                                               # a nucleus leaves zeros
+    probs[:8, 2048:] = 0.0                                                 # mass in the first piece only
+    probs[8:16, :4096] = 0.0                                               # in the padded piece only
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[16:24] = 1.0                                                         # the target at the row's total
+    cdf = probs.cumsum(-1)
+    want = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=4999)
+    assert torch.equal(engine.inverse_cdf(probs, u), want)
+    # float32 rows of 151,665 whose pieces are summed in another order than the scan: rounding may move
+    # a draw to a neighbour, but never onto a token of zero probability
+    probs = torch.softmax(torch.randn(32, 151665, generator=g) * 3, -1)
+    probs = torch.where(probs > probs.median(-1, keepdim=True).values, probs, 0.0)
+    for u in (torch.rand(32, generator=g), torch.ones(32), torch.full((32,), 1 - 2 ** -24)):
+        tok = engine.inverse_cdf(probs, u)
+        assert (probs.gather(1, tok[:, None]) > 0).all()
+
+
 def test_jvp_mode_falls_back_to_the_reference_with_a_notice(teacher, proxies, proxy, capsys):
     grads = {n: torch.randn_like(p) for n, p in proxy.named_parameters()}
     models = decode_models(teacher, proxies, eos_ids=(3,))
