@@ -433,24 +433,22 @@ if triton is not None:
     @triton.jit
     def _rotary(QKV, Cos, Sin, rows_per_model, heads, row_width, HALF: tl.constexpr, HEADS: tl.constexpr):
         """In place on the first `heads` heads of row r of QKV (S N, row_width): x * cos +
-        rotate_half(x) * sin, with each product and the sum rounded to QKV's dtype, as torch does."""
+        rotate_half(x) * sin in float32, rounded once (as Inductor's fused rotary in the decode
+        block; torch's eager ops round each product too, so 1 in 4 bf16 results differs by an ulp)."""
         r = tl.program_id(0).to(tl.int64)
         t = r % rows_per_model
         hh = tl.arange(0, HEADS)[:, None]
         d = tl.arange(0, HALF)[None, :]
         live = hh < heads
         at = QKV + r * row_width + hh * (2 * HALF) + d
-        dt = QKV.dtype.element_ty
         x1 = tl.load(at, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(at + HALF, mask=live, other=0.0).to(tl.float32)
         c1 = tl.load(Cos + t * 2 * HALF + d).to(tl.float32)
         c2 = tl.load(Cos + t * 2 * HALF + HALF + d).to(tl.float32)
         s1 = tl.load(Sin + t * 2 * HALF + d).to(tl.float32)
         s2 = tl.load(Sin + t * 2 * HALF + HALF + d).to(tl.float32)
-        o1 = (x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)
-        o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-        tl.store(at, o1.to(dt), mask=live)
-        tl.store(at + HALF, o2.to(dt), mask=live)
+        tl.store(at, (x1 * c1 - x2 * s1).to(QKV.dtype.element_ty), mask=live)
+        tl.store(at + HALF, (x2 * c2 + x1 * s2).to(QKV.dtype.element_ty), mask=live)
 
     @triton.jit
     def _silu_mul(GU, Out, inter, BLOCK: tl.constexpr):

@@ -112,8 +112,8 @@ def check(results):
 
 def check_prefill_kernels(tokens=4096):
     """The prefill's Triton kernels against the torch ops they replace, in bf16 at the teacher's
-    shapes: the residual add and the rotary products round as torch's do, so they should match
-    exactly; the norm's and SiLU's float32 math may differ from torch's by a bf16 rounding step."""
+    shapes: the residual add rounds as torch's does, so it should match exactly; the norm's, the
+    rotary's and SiLU's float32 math may differ from torch's eager ops by a bf16 rounding step."""
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     x, y = torch.randn(1, tokens, 3584, **bf16), torch.randn(1, tokens, 3584, **bf16)
     w = torch.rand(1, 3584, **bf16) + 0.5
