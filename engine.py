@@ -433,8 +433,9 @@ if triton is not None:
     @triton.jit
     def _rotary(QKV, Cos, Sin, rows_per_model, heads, row_width, HALF: tl.constexpr, HEADS: tl.constexpr):
         """In place on the first `heads` heads of row r of QKV (S N, row_width): x * cos +
-        rotate_half(x) * sin in float32, rounded once (as Inductor's fused rotary in the decode
-        block; torch's eager ops round each product too, so 1 in 4 bf16 results differs by an ulp)."""
+        rotate_half(x) * sin in float32, rounded once, as Inductor's fused rotary in the decode
+        block does; torch's eager ops round each product too, and a third of the bf16 results
+        differ from theirs by one ulp (bench/results/h200_max.json, check stage)."""
         r = tl.program_id(0).to(tl.int64)
         t = r % rows_per_model
         hh = tl.arange(0, HEADS)[:, None]
