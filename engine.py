@@ -352,9 +352,9 @@ def rotate(x, cos, sin):
 
 
 # The elementwise work of a block (residual adds, norms, rotary, SiLU) runs in the Triton kernels
-# below on GPU outside torch.compile: prefill is eager, and as torch ops it took a third of a
-# prefill's GPU time in ~100 kernels per block (bench/README.md).  Inside the compiled decode block
-# the torch ops are kept, for Inductor to fuse with their neighbours.
+# below on GPU outside torch.compile: prefill is eager, and as eager torch ops that work took a third
+# of a prefill's GPU time (bench/README.md).  Inside the compiled decode block the torch ops are kept,
+# for Inductor to fuse with their neighbours.
 
 def on_triton(x):
     return x.is_cuda and triton is not None and not torch.compiler.is_compiling()
