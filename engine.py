@@ -352,9 +352,10 @@ def rotate(x, cos, sin):
 
 
 # The elementwise work of a block (residual adds, norms, rotary, SiLU) runs in the Triton kernels
-# below on GPU outside torch.compile: prefill is eager, and as eager torch ops that work took a third
-# of a prefill's GPU time (bench/README.md).  Inside the compiled decode block the torch ops are kept,
-# for Inductor to fuse with their neighbours.
+# below on GPU outside torch.compile: in prefill, which is eager (as eager torch ops that work took
+# a third of a prefill's GPU time, bench/README.md), in the decode step's first norm, and in eager
+# decode blocks (compile_layers off, or a compiler failure).  Inside the compiled decode block the
+# torch ops are kept, for Inductor to fuse with their neighbours.
 
 def on_triton(x):
     return x.is_cuda and triton is not None and not torch.compiler.is_compiling()
@@ -435,7 +436,7 @@ if triton is not None:
         """In place on the first `heads` heads of row r of QKV (S N, row_width): x * cos +
         rotate_half(x) * sin in float32, rounded once, as Inductor's fused rotary in the decode
         block does; torch's eager ops round each product too, and a third of the bf16 results
-        differ from theirs by one ulp (bench/results/h200_max.json, check stage)."""
+        differ from theirs, by at most 0.031 (bench/results/h200_max_triton_prefill.json, check)."""
         r = tl.program_id(0).to(tl.int64)
         t = r % rows_per_model
         hh = tl.arange(0, HEADS)[:, None]
@@ -513,9 +514,9 @@ def prefill_block(x, h, cos, sin, write, n, mask, k_cache, v_cache, w, w_next, s
 class Stack:
     """Models of one config decoded together (the teacher alone, or the two proxies): per block,
     q/k/v and gate/up as one weight each and the models stacked on a first axis, so a proxy block
-    is 4 batched matmuls for both proxies.  Building it re-lays the models' weights in place (same
-    values).  Each model's attention modules get views of the stacked K/V caches, so prefill can run
-    through the Hugging Face modules unchanged."""
+    is 4 batched matmuls for both proxies, in decode and in prefill.  Building it re-lays the models'
+    weights in place (same values).  Each model's attention modules get views of the stacked K/V
+    caches, so prefill can also run through the Hugging Face modules unchanged (fused_prefill off)."""
 
     def __init__(self, nets, slots, max_len):
         cfg = nets[0].config
@@ -667,11 +668,21 @@ def nucleus_probs(scores, top_k=0, top_p=1.0):
     return probs
 
 
+def first_positive_from(x, start):
+    """Per row of x (B, W), the first index >= start (B, 1) where x > 0; past the last one, that last
+    one.  Rows without any get -1."""
+    idx = torch.arange(x.shape[-1], device=x.device)
+    after = torch.where((x > 0) & (idx >= start), idx, x.shape[-1]).amin(-1, keepdim=True)
+    return torch.where(after < x.shape[-1], after, torch.where(x > 0, idx, -1).amax(-1, keepdim=True))
+
+
 def inverse_cdf(probs, u):
     """Per row, the first index whose running sum of probs reaches u times the row's total, in
     vocabulary order, summed in two levels: over ROW_PIECE-wide pieces, then inside the one piece
     that holds the target (one scan over the 151k-wide rows took 0.36 ms per step on an H200).
-    Whatever the rounding, the index has a positive probability (for u > 0)."""
+    A rounded sum can stop short of the target, or (a GPU scan adds in a tree) dip where a zero is
+    added; either way the count is moved to the next positive entry, or the last one, so a token of
+    zero probability is never drawn."""
     B, V = probs.shape
     width = min(ROW_PIECE, V)
     n = -(-V // width)
@@ -679,20 +690,18 @@ def inverse_cdf(probs, u):
                       probs[:, (n - 1) * width:].sum(-1, keepdim=True)], -1)
     piece_cdf = sums.cumsum(-1)
     target = u[:, None] * piece_cdf[:, -1:]
-    j = (piece_cdf < target).sum(-1, keepdim=True).clamp(max=n - 1)   # its piece: sum > 0
+    j = first_positive_from(sums, (piece_cdf < target).sum(-1, keepdim=True)).clamp(min=0)
     before = torch.where(j > 0, piece_cdf.gather(1, (j - 1).clamp(min=0)), 0.0)
     cols = j * width + torch.arange(width, device=probs.device)
     inside = torch.where(cols < V, probs.gather(1, cols.clamp(max=V - 1)), 0.0)
-    i = (inside.cumsum(-1) < target - before).sum(-1, keepdim=True)
-    # the piece's own running sum can fall short of its total by rounding: then its last positive entry
-    last = width - 1 - (inside.flip(-1) > 0).int().argmax(-1, keepdim=True)
-    return (j * width + torch.minimum(i, last)).squeeze(-1)
+    i = first_positive_from(inside, (inside.cumsum(-1) < target - before).sum(-1, keepdim=True))
+    return (j * width + i).clamp(0, V - 1).squeeze(-1)
 
 
 def sample_tokens(scores, u, top_k=0, top_p=1.0, filtered=nucleus_probs):
     """softmax(scores) -> top-k -> top-p -> inverse-CDF in vocabulary order with one uniform per row:
-    sampling.sample_from_scores without its sort.  filtered: nucleus_probs, or a compiled copy (the
-    inverse CDF stays outside: Inductor in torch 2.11 failed to generate a scan over 151k columns)."""
+    sampling.sample_from_scores without its sort.  filtered: nucleus_probs, or a compiled copy; the
+    inverse CDF runs eagerly after it (as measured; a whole-row scan failed to compile in torch 2.11)."""
     return inverse_cdf(filtered(scores, top_k, top_p), u)
 
 

@@ -28,7 +28,8 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="bench/results/h200.json", help="JSON results path")
 parser.add_argument("--stages", default="check,engine,reference,unfused", help="comma list of stages to run: "
                     "check, profile, engine, reference, unfused (engine through the HF modules), eagerblocks, "
-                    "wholerows (the sampler's row reductions one program per row, as before ROW_PIECE), "
+                    "wholerows (ROW_PIECE as wide as the vocabulary: the sampler's row reductions one program per row, "
+                    "as before ROW_PIECE, and since engine.inverse_cdf its scan over the whole row too), "
                     "wholescan (the sampler's inverse CDF one scan per row, as before engine.inverse_cdf), "
                     "hfprefill (prefill through the HF modules, as before the Stack's prefill), longtail")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")

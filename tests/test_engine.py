@@ -271,9 +271,15 @@ def test_inverse_cdf_in_pieces_picks_the_whole_row_scans_token_and_never_a_zero_
     probs[8:16, :4096] = 0.0                                               # in the padded piece only
     u = torch.rand(64, generator=g, dtype=torch.float64)
     u[16:24] = 1.0                                                         # the target at the row's total
-    cdf = probs.cumsum(-1)
-    want = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=4999)
-    assert torch.equal(engine.inverse_cdf(probs, u), want)
+    for width in (5000, 4096):                                             # a padded last piece, or none
+        p = probs[:, :width]
+        cdf = p.cumsum(-1)
+        want = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=width - 1)
+        assert torch.equal(engine.inverse_cdf(p, u), want)
+    # where a count lands on a zero (a rounded sum dipped) or past the end: the next positive entry,
+    # else the last one; a row without any gets -1
+    x = torch.tensor([[0.0, 0.2, 0.0, 0.0, 0.5, 0.0], [0.0, 0.2, 0.0, 0.0, 0.5, 0.0], [0.0] * 6])
+    assert engine.first_positive_from(x, torch.tensor([[2], [6], [0]])).tolist() == [[4], [4], [-1]]
     # float32 rows of 151,665 whose pieces are summed in another order than the scan: rounding may move
     # a draw to a neighbour, but never onto a token of zero probability
     probs = torch.softmax(torch.randn(32, 151665, generator=g) * 3, -1)
@@ -349,10 +355,11 @@ for add in (None, y):
     x_out, h = engine.add_norm_triton(x, add, w, 1e-6)
     want = x if add is None else x + add
     assert torch.equal(x_out, want) and torch.allclose(h, engine.rms_norm(want, w, 1e-6), atol=1e-5)
-qkv, cos, sin = torch.randn(2, 5, 6 + 2 + 2, 32), torch.randn(5, 32), torch.randn(5, 32)
-want = engine.rotate_qk(qkv.clone(), cos, sin, 6, 2)
-engine.rotate_qk_triton(qkv, cos, sin, 6 + 2)
-assert all(torch.equal(a, b) for a, b in zip(qkv.split([6, 2, 2], dim=2), want))
+for heads, kv_heads in ((6, 2), (5, 1)):  # 8 heads to rotate, or 6 padded to 8 with 2 masked off
+    qkv, cos, sin = torch.randn(2, 5, heads + 2 * kv_heads, 32), torch.randn(5, 32), torch.randn(5, 32)
+    want = engine.rotate_qk(qkv.clone(), cos, sin, heads, kv_heads)
+    engine.rotate_qk_triton(qkv, cos, sin, heads + kv_heads)
+    assert all(torch.equal(a, b) for a, b in zip(qkv.split([heads, kv_heads, kv_heads], dim=2), want))
 gate_up = torch.randn(2, 5, 2 * 1500)  # two column blocks, the second one partly masked
 want = torch.nn.functional.silu(gate_up[..., :1500]) * gate_up[..., 1500:]
 assert torch.allclose(engine.silu_mul_triton(gate_up), want, atol=1e-6)
