@@ -560,10 +560,14 @@ class Stack:
         at = pos.repeat(S)
         lengths = at + 1
         x, h = add_norm(x, None, self.layers[0]["in_norm"], self.shape[-1])
-        for i, (w, (k_cache, v_cache)) in enumerate(zip(self.layers, self.caches)):
-            w_next = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.final_norm
+        for w, (k_cache, v_cache), w_next in self.blocks():
             x, h = self.block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w, w_next, self.shape, self.act)
         return self.project(h)
+
+    def blocks(self):
+        """(weights, K/V caches, next norm weight) of each block: the next block's input norm, or the
+        final norm after the last, so each block's output and that norm fuse."""
+        return zip(self.layers, self.caches, [w["in_norm"] for w in self.layers[1:]] + [self.final_norm])
 
     def project(self, h):
         """(S, B, V) logits of the final-normed hidden states h (S, B, H)."""
@@ -582,8 +586,7 @@ class Stack:
                  p.positions[r, c].repeat(S))
         mask = None if p.mask is None else p.mask.repeat(S, 1, 1, 1)
         x, h = add_norm(x, None, self.layers[0]["in_norm"], self.shape[-1])
-        for i, (w, (k_cache, v_cache)) in enumerate(zip(self.layers, self.caches)):
-            w_next = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.final_norm
+        for w, (k_cache, v_cache), w_next in self.blocks():
             x, h = prefill_block(x, h, cos, sin, write, n, mask, k_cache, v_cache, w, w_next, self.shape, self.act)
         return self.project(h.view(S, n, T, -1)[:, :, -1])
 
