@@ -213,12 +213,25 @@ def split_at_marker(text, marker):
     return text[:pos + len(marker)], text[pos + len(marker):]
 
 
-def tokenize_example(tokenizer, system, question, completion, max_length):
+def generation_tail(tokenizer):
+    """What the generation prompt adds after the assistant marker: '<think>\\n' for R1-style
+    templates, '' for Qwen and Llama 3."""
+    prompt = render_generation_prompt(tokenizer, "S", "Q")
+    return split_at_marker(prompt, assistant_marker(tokenizer))[1]
+
+
+def tokenize_example(tokenizer, system, question, completion, max_length, tail=None):
     """input_ids and labels for completion-only training: the consumer's own rendering of the
     prompt, then the completion and its EOS; the prompt tokens are masked with -100.
 
+    A stored completion starts right after the teacher's marker, so it may begin with what the
+    consumer's generation prompt already ends with (`<think>\\n` when both are R1-style): that part
+    is not repeated (tail: generation_tail(tokenizer), computed here when not given).
     The completion is never re-rendered as an assistant message: the R1-Distill template deletes
     everything before </think> in assistant messages, which would drop the reasoning."""
+    tail = generation_tail(tokenizer) if tail is None else tail
+    if tail and completion.startswith(tail):
+        completion = completion[len(tail):]
     prompt = render_generation_prompt(tokenizer, system, question)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -253,8 +266,10 @@ def tokenize_traces(ds, tokenizer, max_length):
     """(input_ids, labels) per trace, and the idx of traces left with no completion token after
     truncation to max_length (they would divide by zero in a token mean)."""
     examples, dropped = [], []
+    tail = generation_tail(tokenizer)
     for row in ds:
-        ids, labels = tokenize_example(tokenizer, row["system"], row["question"], row["completion"], max_length)
+        ids, labels = tokenize_example(tokenizer, row["system"], row["question"], row["completion"], max_length,
+                                       tail)
         if any(label != -100 for label in labels):
             examples.append((ids, labels))
         else:

@@ -158,3 +158,22 @@ def test_boxed_extraction_handles_nesting_and_answer_forcing():
     assert utils.forced_answer("42}\\]") == "42"
     assert utils.forced_answer("\\frac{3}{4}}\\]\n") == "\\frac{3}{4}"
     assert utils.forced_answer("never closed") is None
+
+
+def test_r1_style_consumer_does_not_repeat_think_from_its_generation_prompt():
+    import trace_fixtures as tf
+    completion = tf.completion(3, 4, "coins", steps=1)
+    assert completion.startswith("<think>\n")
+    r1, llama = tf.make_tokenizer(tf.TEACHER), tf.make_tokenizer(tf.STUDENT)
+    assert utils.generation_tail(r1) == "<think>\n" and utils.generation_tail(llama) == ""
+    for tok in (r1, llama):
+        ids, labels = utils.tokenize_example(tok, tf.SYSTEM, "Q?", completion, max_length=512)
+        text = tok.decode(ids)
+        assert text.count("<think>") == 1
+        prompt = utils.render_generation_prompt(tok, tf.SYSTEM, "Q?")
+        assert text == prompt + completion[len(utils.generation_tail(tok)):] + tok.eos_token
+        learned = tok.decode([i for i, lab in zip(ids, labels) if lab != -100])
+        assert learned == text[len(prompt):]
+    # a completion that does not start with the tail (traces written by another template) is kept whole
+    ids, _ = utils.tokenize_example(r1, tf.SYSTEM, "Q?", "3+4=7", max_length=512)
+    assert r1.decode(ids).endswith("<think>\n3+4=7" + r1.eos_token)
