@@ -29,8 +29,14 @@ def validate(cfg):
     utils.parse_split(cfg.data_split)
     if cfg.tau is None or cfg.tau < 0:
         die(f"tau must be >= 0 (0 = greedy), got {cfg.tau}")
-    if cfg.lam and (cfg.eps is None or cfg.eps <= 0):
-        die(f"eps must be > 0 with lam > 0, got {cfg.eps}")
+    if cfg.lam and cfg.eps != "auto" and (not isinstance(cfg.eps, (int, float)) or cfg.eps <= 0):
+        die(f"eps must be > 0 or auto with lam > 0, got {cfg.eps}")
+    if cfg.proxy_dtype not in (None, "bfloat16", "float16", "float32"):
+        die(f"proxy_dtype must be null, bfloat16, float16 or float32, got {cfg.proxy_dtype!r}")
+    if isinstance(cfg.fd_check, bool) or not isinstance(cfg.fd_check, int) or cfg.fd_check < 0:
+        die(f"fd_check must be an integer >= 0 (0 = off), got {cfg.fd_check!r}")
+    if cfg.eps == "auto" and cfg.lam and not cfg.fd_check:
+        die("eps=auto picks eps by the FD check; it needs fd_check > 0")
     if cfg.top_p is None or not 0 < cfg.top_p <= 1:
         die(f"top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.top_k is None or cfg.top_k < 0:
@@ -53,8 +59,13 @@ def validate(cfg):
         die("lam > 0 needs grad_path (the safetensors file written by save_grad.py)")
 
 
+FD_REGISTRY_KEYS = ("fd_cosine_median", "fd_rel_error_median", "proxy_dtype", "frac_weights_changed_plus")
+FD_COSINE_WARNING = 0.9  # median cosine of FD delta_hat with the exact JVP below which a run is warned
+
+
 def sampling_params(cfg):
-    return sampling.SamplingParams(tau=float(cfg.tau), lam=float(cfg.lam or 0.0), eps=float(cfg.eps or 0.0),
+    eps = 0.0 if cfg.eps == "auto" else float(cfg.eps or 0.0)  # auto: set by check_fd before sampling
+    return sampling.SamplingParams(tau=float(cfg.tau), lam=float(cfg.lam or 0.0), eps=eps,
                                    top_p=float(cfg.top_p), top_k=int(cfg.top_k),
                                    repetition_penalty=float(cfg.repetition_penalty),
                                    seed=int(cfg.seed), ads_mode=cfg.ads_mode, control=cfg.ads_control)
@@ -87,8 +98,8 @@ def eos_ids(tokenizer, model):
 
 
 def preflight_proxy(cfg, teacher_tok):
-    """Check the proxy's tokenizer and the gradient against the proxy's shapes (built on the meta
-    device, so nothing is loaded) before any weights are read."""
+    """Check the proxy's tokenizer, the gradient against the proxy's shapes (built on the meta device,
+    so nothing is loaded) and the FD check's traces before any weights are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
     proxy_tok = utils.load_tokenizer(cfg.proxy, cfg.trust_remote_code, what="proxy")
     if not utils.same_tokenizer(teacher_tok, proxy_tok):
@@ -98,23 +109,73 @@ def preflight_proxy(cfg, teacher_tok):
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     sampling.check_gradient_matches(grads, skeleton, cfg.grad_path)
-    return grads
+    checks = fd_check_examples(cfg, proxy_tok) if cfg.fd_check and cfg.ads_mode == "fd" else None
+    return grads, checks
 
 
-def load_models(cfg, tokenizer, grads, params, device):
-    dtype = utils.torch_dtype(cfg.dtype, device)
-    load = lambda path: utils.load_model(path, dtype, device, cfg.attn_implementation, cfg.trust_remote_code)
-    teacher = load(cfg.teacher)
-    models = sampling.DecodeModels(teacher=teacher, vocab_size=len(tokenizer),
-                                   eos_ids=eos_ids(tokenizer, teacher), pad_id=tokenizer.pad_token_id)
-    if params.uses_proxy:
-        proxy = load(cfg.proxy)
-        models.plus, models.minus, models.diagnostics = sampling.perturbed_proxies(proxy, grads, params.eps)
-        if params.ads_mode == "jvp":
-            models.proxy, models.grads = proxy, grads
+def fd_check_examples(cfg, proxy_tok):
+    """The FD check's sequences: holdout traces tokenized as save_grad.py tokenized them (the proxy's
+    template), by default the very traces the gradient was computed on (named in its metadata)."""
+    from safetensors import safe_open
+    path = cfg.fd_check_traces
+    if not path:
+        with safe_open(str(cfg.grad_path), "pt") as f:
+            path = (f.metadata() or {}).get("traces")
+    if not path:
+        die(f"{cfg.grad_path} does not name its traces; set fd_check_traces=DIR or fd_check=0")
+    examples, _ = utils.tokenize_traces(utils.load_traces(path), proxy_tok, cfg.max_length)
+    if not examples:
+        die(f"no trace in {path} keeps a completion token within max_length={cfg.max_length} for the FD check")
+    return examples
+
+
+def check_fd(cfg, proxy, grads, checks, params, vocab_size, proxy_dtype, state):
+    """Finite differences against the exact JVP on holdout positions, before sampling; with eps=auto,
+    first the eps on sampling.EPS_GRID where they agree best.  The main process measures and the others
+    take its result, so every process samples with the same eps.  Returns the sidecar's fd_* fields."""
+    result = [None]
+    if state.is_main_process:
+        batches = sampling.check_positions(checks, cfg.fd_check)
+        exact = sampling.exact_deltas(proxy, grads, batches, vocab_size)
+        if cfg.eps == "auto":
+            eps, table = sampling.choose_eps(proxy, grads, batches, vocab_size, proxy_dtype, exact=exact)
+            quality = next(row for row in table if row["eps"] == eps)
+            result = [{**quality, "eps_auto": True, "eps_candidates": table}]
         else:
-            del proxy
-    return models
+            plus, minus, _ = sampling.perturbed_proxies(proxy, grads, params.eps, proxy_dtype)
+            result = [{"eps": params.eps, **sampling.fd_quality(
+                sampling.fd_deltas(plus, minus, batches, params.eps, vocab_size), exact), "eps_auto": False}]
+    if state.num_processes > 1:
+        import torch.distributed as dist
+        dist.broadcast_object_list(result, src=0)
+    fd = result[0]
+    if fd["fd_cosine_median"] < FD_COSINE_WARNING:
+        utils.log(f"warning: finite differences disagree with the exact JVP (median cosine "
+                  f"{fd['fd_cosine_median']:.2f}, median relative error {fd['fd_rel_error_median']:.2f} at eps "
+                  f"{fd['eps']:.2e} over {fd['fd_positions']} holdout positions): the ADS penalty is mostly "
+                  f"finite-difference error; try eps=auto or proxy_dtype=float32", state.is_main_process)
+    return fd
+
+
+def load_models(cfg, tokenizer, grads, checks, params, state):
+    device = state.device
+    dtype = utils.torch_dtype(cfg.dtype, device)
+    load = lambda path, dt: utils.load_model(path, dt, device, cfg.attn_implementation, cfg.trust_remote_code)
+    diagnostics = {}
+    plus = minus = proxy = None
+    if params.uses_proxy:  # first, so the FD check's JVP never shares the GPU with the teacher
+        proxy_dtype = utils.torch_dtype(cfg.proxy_dtype or cfg.dtype, device)
+        proxy = load(cfg.proxy, torch.float32)  # fp32 master weights: theta +/- eps g and the exact JVP
+        if checks is not None:
+            diagnostics.update(check_fd(cfg, proxy, grads, checks, params, len(tokenizer), proxy_dtype, state))
+            params.eps = diagnostics["eps"]
+        plus, minus, perturbation = sampling.perturbed_proxies(proxy, grads, params.eps, proxy_dtype)
+        diagnostics.update(perturbation)
+        proxy = proxy.to(proxy_dtype) if params.ads_mode == "jvp" else None
+    teacher = load(cfg.teacher, dtype)
+    return sampling.DecodeModels(teacher=teacher, vocab_size=len(tokenizer), eos_ids=eos_ids(tokenizer, teacher),
+                                 pad_id=tokenizer.pad_token_id, plus=plus, minus=minus, proxy=proxy,
+                                 grads=grads if proxy is not None else None, diagnostics=diagnostics)
 
 
 def run_fingerprint(cfg):
@@ -257,8 +318,9 @@ def save_outputs(cfg, rows, stats, diagnostics):
     utils.atomic_write_text(traces / f"{name}.yaml", utils.to_yaml(sidecar))
     utils.append_registry(cfg.exp_dir, {
         "name": name, "path": str(traces / name), "data_split": cfg.data_split, "model": cfg.teacher,
-        "tau": float(cfg.tau), "lam": float(cfg.lam or 0.0), "eps": float(cfg.eps or 0.0),
-        "n": stats["n"], "raw_accuracy": stats["raw_accuracy"], "af_accuracy": stats["af_accuracy"]})
+        "tau": float(cfg.tau), "lam": float(cfg.lam or 0.0), "eps": float(diagnostics["eps"]),
+        "n": stats["n"], "raw_accuracy": stats["raw_accuracy"], "af_accuracy": stats["af_accuracy"],
+        **{k: diagnostics[k] for k in FD_REGISTRY_KEYS if k in diagnostics}})
     tmp_dir = traces / f".{name}.tmp-{os.getpid()}"
     ds.save_to_disk(str(tmp_dir))
     utils.atomic_publish_dir(tmp_dir, traces / name)
@@ -273,10 +335,10 @@ def main(argv):
     params = sampling_params(cfg)
     tokenizer = utils.load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code,
                                      what="tokenizer" if cfg.tokenizer else "teacher")
-    grads = preflight_proxy(cfg, tokenizer) if params.uses_proxy else None
+    grads, checks = preflight_proxy(cfg, tokenizer) if params.uses_proxy else (None, None)
     examples, marker, n_dropped = load_prompts(cfg, tokenizer)
     start = time.time()
-    models = load_models(cfg, tokenizer, grads, params, state.device)
+    models = load_models(cfg, tokenizer, grads, checks, params, state)
     work = prepare_workdir(cfg, state)
     if work is None:
         return
@@ -285,7 +347,7 @@ def main(argv):
         return
     rows = grade(gather(work, n_chunks), utils.parse_split(cfg.data_split)[0], cfg.trace_colname)
     stats = trace_stats(rows, n_dropped, time.time() - start)
-    diagnostics = {**models.diagnostics, "processes": state.num_processes, "device": str(state.device),
+    diagnostics = {**models.diagnostics, "eps": params.eps, "processes": state.num_processes, "device": str(state.device),
                    "engine": cfg.engine, "vocab_size": models.vocab_size}
     save_outputs(cfg, rows, stats, diagnostics)
     shutil.rmtree(work, ignore_errors=True)

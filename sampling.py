@@ -173,26 +173,28 @@ def check_gradient_matches(grads, model, path=""):
 
 
 @torch.no_grad()
-def perturbed_proxies(proxy, grads, eps):
-    """theta +/- eps g, computed in fp32 and cast to the proxy's dtype once, before sampling.
+def perturbed_proxies(proxy, grads, eps, dtype=None):
+    """theta +/- eps g, computed in fp32 and cast once to dtype (default: the proxy's), before sampling.
 
     In low precision a small eps*g can round away entirely, so report the fraction of weights the
     cast actually changed, and the RMS of the weights and of g."""
-    plus, minus = copy.deepcopy(proxy), copy.deepcopy(proxy)
+    dtype = dtype or next(proxy.parameters()).dtype
+    plus, minus = copy.deepcopy(proxy).to(dtype), copy.deepcopy(proxy).to(dtype)
     n_total = changed_plus = changed_minus = 0
     sq_param = sq_grad = 0.0
     for (name, p), q_plus, q_minus in zip(proxy.named_parameters(), plus.parameters(), minus.parameters()):
         base = p.detach().float()
         step = eps * grads[name].to(device=p.device, dtype=torch.float32)
-        q_plus.copy_((base + step).to(p.dtype))
-        q_minus.copy_((base - step).to(p.dtype))
+        unchanged = base.to(dtype)
+        q_plus.copy_((base + step).to(dtype))
+        q_minus.copy_((base - step).to(dtype))
         n_total += p.numel()
-        changed_plus += (q_plus != p).sum().item()
-        changed_minus += (q_minus != p).sum().item()
+        changed_plus += (q_plus != unchanged).sum().item()
+        changed_minus += (q_minus != unchanged).sum().item()
         sq_param += base.pow(2).sum().item()
         sq_grad += grads[name].float().pow(2).sum().item()
     diagnostics = {
-        "proxy_dtype": str(next(proxy.parameters()).dtype).replace("torch.", ""),
+        "proxy_dtype": str(dtype).replace("torch.", ""),
         "frac_weights_changed_plus": changed_plus / n_total,
         "frac_weights_changed_minus": changed_minus / n_total,
         "param_rms": math.sqrt(sq_param / n_total),
@@ -202,28 +204,105 @@ def perturbed_proxies(proxy, grads, eps):
     return plus.eval(), minus.eval(), diagnostics
 
 
-def exact_delta(proxy, grads, input_ids, attention_mask, position_ids, vocab_size):
-    """d/d eps log_softmax(z(theta + eps g)) at eps = 0, for the last position, by forward-mode AD
-    (paper App. C).  Recomputes the whole sequence: a correctness reference, not a fast path."""
-    from torch.func import functional_call, jvp
+def _logprob_jvp(proxy, grads, logits_of):
+    """Forward-mode derivative along g of log_softmax(logits_of(weights)) at the proxy's weights."""
+    from torch.func import jvp
     names = [n for n, _ in proxy.named_parameters()]
     primals = tuple(p.detach() for _, p in proxy.named_parameters())
     tangents = tuple(grads[n].to(p.device, p.dtype) for n, p in zip(names, primals))
 
-    def last_logprobs(*weights):
-        out = functional_call(proxy, dict(zip(names, weights)),
-                              args=(), kwargs=dict(input_ids=input_ids, attention_mask=attention_mask,
-                                                   position_ids=position_ids, use_cache=False))
-        return F.log_softmax(out.logits[:, -1, :vocab_size].float(), dim=-1)
+    def logprobs(*weights):
+        return F.log_softmax(logits_of(dict(zip(names, weights))).float(), dim=-1)
 
     # forward-mode AD has no rule for the fused SDPA kernels: run this call with eager attention
     previous = proxy.config._attn_implementation
     proxy.set_attn_implementation("eager")
     try:
-        _, tangent_out = jvp(last_logprobs, primals, tangents)
+        return jvp(logprobs, primals, tangents)[1]
     finally:
         proxy.set_attn_implementation(previous)
-    return tangent_out
+
+
+def exact_delta(proxy, grads, input_ids, attention_mask, position_ids, vocab_size):
+    """d/d eps log_softmax(z(theta + eps g)) at eps = 0, for the last position, by forward-mode AD
+    (paper App. C).  Recomputes the whole sequence: a correctness reference, not a fast path."""
+    from torch.func import functional_call
+
+    def last_logits(weights):
+        out = functional_call(proxy, weights, args=(), kwargs=dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False))
+        return out.logits[:, -1, :vocab_size]
+    return _logprob_jvp(proxy, grads, last_logits)
+
+
+# finite-difference quality: FD delta_hat against the exact JVP on holdout positions
+
+EPS_GRID = [10.0 ** (k / 2) for k in range(-10, -1)]  # 1e-5 .. 1e-1 in half decades (paper App. B's sweep)
+
+
+def check_positions(examples, n_positions, max_sequences=32):
+    """(input_ids, positions) per sequence for the FD check: up to max_sequences (ids, labels) pairs
+    from utils.tokenize_traces, each cut after its last chosen position, with positions spread evenly
+    over those whose next token is a completion token (where the sampler acts)."""
+    chosen = [ex for ex in examples if sum(label != -100 for label in ex[1][1:])][:max_sequences]
+    per_sequence = max(1, math.ceil(n_positions / max(1, len(chosen))))
+    batches = []
+    for ids, labels in chosen:
+        candidates = [t for t in range(len(ids) - 1) if labels[t + 1] != -100]
+        step = len(candidates) / min(per_sequence, len(candidates))
+        picked = sorted({candidates[int(i * step)] for i in range(min(per_sequence, len(candidates)))})
+        batches.append((torch.tensor(ids[:picked[-1] + 1]), torch.tensor(picked)))
+    return batches
+
+
+def _logits_at(model, ids, positions, vocab_size):
+    return model(input_ids=ids[None], logits_to_keep=positions, use_cache=False).logits[0, :, :vocab_size]
+
+
+@torch.no_grad()
+def fd_deltas(plus, minus, batches, eps, vocab_size):
+    """FD delta_hat at every check position, (positions, V), as the sampler computes it."""
+    device = next(plus.parameters()).device
+    out = []
+    for ids, pos in batches:
+        ids, pos = ids.to(device), pos.to(device)
+        out.append(fd_delta(_logits_at(plus, ids, pos, vocab_size), _logits_at(minus, ids, pos, vocab_size), eps))
+    return torch.cat(out)
+
+
+def exact_deltas(proxy, grads, batches, vocab_size):
+    """The exact derivative along g of the proxy's log-probs at every check position, by JVP."""
+    from torch.func import functional_call
+    device = next(proxy.parameters()).device
+    out = []
+    for ids, pos in batches:
+        ids, pos = ids.to(device), pos.to(device)
+        out.append(_logprob_jvp(proxy, grads, lambda w: functional_call(
+            proxy, w, args=(), kwargs=dict(input_ids=ids[None], logits_to_keep=pos, use_cache=False)
+        ).logits[0, :, :vocab_size]))
+    return torch.cat(out)
+
+
+def fd_quality(fd, exact):
+    """Per-position cosine and relative error ||fd - exact|| / ||exact|| of FD against the JVP."""
+    fd, exact = fd.double(), exact.double()
+    cosine = F.cosine_similarity(fd, exact, dim=-1)
+    rel = (fd - exact).norm(dim=-1) / exact.norm(dim=-1).clamp(min=1e-30)
+    return {"fd_positions": int(fd.shape[0]), "fd_cosine_median": cosine.median().item(),
+            "fd_cosine_min": cosine.min().item(), "fd_rel_error_median": rel.median().item()}
+
+
+def choose_eps(proxy, grads, batches, vocab_size, dtype=None, grid=EPS_GRID, exact=None):
+    """The eps on grid whose FD delta_hat (proxies cast to dtype, as sampling will use them) has the
+    smallest median relative error against the exact JVP; returns it and every candidate's quality."""
+    exact = exact_deltas(proxy, grads, batches, vocab_size) if exact is None else exact
+    table = []
+    for eps in grid:
+        plus, minus, _ = perturbed_proxies(proxy, grads, eps, dtype)
+        table.append({"eps": eps, **fd_quality(fd_deltas(plus, minus, batches, eps, vocab_size), exact)})
+        del plus, minus
+    best = min(table, key=lambda row: row["fd_rel_error_median"])
+    return best["eps"], table
 
 
 # reference decode loop

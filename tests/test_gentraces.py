@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import gentraces
+import sampling
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -36,14 +37,25 @@ def base_args(assets, exp_dir, **kw):
 
 
 @pytest.fixture(scope="module")
-def grad_file(tiny_assets, tmp_path_factory):
-    """A gradient with the proxy's names and shapes (values are irrelevant to these tests)."""
+def holdout(tiny_assets, tmp_path_factory):
+    """Greedy teacher traces: what save_grad.py reads, and where the FD check measures."""
+    exp = tmp_path_factory.mktemp("holdout")
+    gentraces.main(base_args(tiny_assets, exp, tau=0, data_split="gsm8k_holdout", max_samples=8, trace_name="holdout"))
+    return exp / "traces" / "holdout"
+
+
+def save_gradient(g, path, traces):
+    save_file(g, str(path), metadata={"traces": str(traces)})  # save_grad.py names its traces so
+    return path
+
+
+@pytest.fixture(scope="module")
+def grad_file(tiny_assets, holdout, tmp_path_factory):
+    """A gradient with the proxy's names and shapes (values are irrelevant to most tests)."""
     proxy = AutoModelForCausalLM.from_pretrained(tiny_assets / "proxy")
     torch.manual_seed(0)
     g = {n: torch.randn_like(p) * 1e-2 for n, p in proxy.named_parameters()}
-    path = tmp_path_factory.mktemp("grad") / "g.safetensors"
-    save_file(g, str(path))
-    return path, g
+    return save_gradient(g, tmp_path_factory.mktemp("grad") / "g.safetensors", holdout), g
 
 
 def load_rows(exp_dir, name="t"):
@@ -89,6 +101,27 @@ def test_two_processes_give_the_same_traces_as_one(tiny_assets, tmp_path, grad_f
            [(r["idx"], r["completion"], r["forced"]) for r in two]
     side = yaml.safe_load((tmp_path / "two" / "traces" / "t.yaml").read_text())
     assert side["diagnostics"]["processes"] == 2
+
+
+def test_fd_check_is_recorded_and_warns_when_finite_differences_disagree_with_the_jvp(
+        tiny_assets, tmp_path, grad_file, holdout, capfd):
+    # a large g makes eps = 1e-2 a step far outside the linear regime: FD is then mostly truncation
+    # error, which the check must measure and announce; eps=auto must find a step where FD is exact
+    big = save_gradient({n: v * 300 for n, v in grad_file[1].items()}, tmp_path / "big.safetensors", holdout)
+    ads = dict(tau=1.0, lam=0.5, grad_path=big, max_samples=4, fd_check=48)
+    capfd.readouterr()
+    gentraces.main(base_args(tiny_assets, tmp_path, eps=1e-2, trace_name="fixed", **ads))
+    assert "warning: finite differences disagree with the exact JVP" in capfd.readouterr().err
+    fixed = yaml.safe_load((tmp_path / "traces" / "fixed.yaml").read_text())["diagnostics"]
+    assert fixed["fd_cosine_median"] < 0.9 and fixed["fd_positions"] >= 48 and fixed["eps"] == 1e-2
+    gentraces.main(base_args(tiny_assets, tmp_path, eps="auto", trace_name="auto", **ads))
+    assert "warning" not in capfd.readouterr().err
+    auto = yaml.safe_load((tmp_path / "traces" / "auto.yaml").read_text())["diagnostics"]
+    assert auto["eps_auto"] and auto["eps"] < 1e-2 and auto["fd_cosine_median"] > 0.99
+    assert len(auto["eps_candidates"]) == len(sampling.EPS_GRID)
+    registry = [json.loads(line) for line in (tmp_path / "metadata" / "trace_registry.jsonl").read_text().splitlines()]
+    assert [(e["name"], e["eps"]) for e in registry] == [("fixed", 1e-2), ("auto", auto["eps"])]
+    assert registry[0]["fd_cosine_median"] == fixed["fd_cosine_median"]
 
 
 def test_lam_zero_never_loads_the_proxy(tiny_assets, tmp_path):

@@ -72,6 +72,43 @@ def test_finite_differences_need_a_smaller_eps_when_the_proxy_is_sharp(proxy):
     assert _fd_vs_jvp_cosine(proxy, g, ids, 1e-4)[0] > 0.999
 
 
+def test_eps_auto_picks_a_smaller_eps_for_a_cold_proxy_than_for_a_warm_one():
+    # cold: a sharp proxy that never saw the sequences (|g| ~ 40, curvature large along g: truncation
+    # error dominates down to small eps); warm: the same proxy fitted to them (|g| small: a small eps
+    # leaves FD to float32 round-off).  App. B's procedure must find each one's own eps.
+    import copy
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (4, 24))
+    cold = tiny_qwen(vocab_size=72, seed=1, hidden=32)
+    warm = copy.deepcopy(cold).train()
+    opt = torch.optim.Adam(warm.parameters(), lr=1e-2)
+    for _ in range(40):
+        logits = warm(input_ids=ids).logits[:, :-1, :VOCAB]
+        F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    warm.eval()
+    batches = sampling.check_positions([(row.tolist(), row.tolist()) for row in ids], 32)
+    assert sum(len(pos) for _, pos in batches) >= 32
+    chosen = {}
+    for name, model in (("cold", cold), ("warm", warm)):
+        eps, table = sampling.choose_eps(model, loss_gradient(model, ids), batches, VOCAB)
+        assert [row["eps"] for row in table] == sampling.EPS_GRID
+        best = min(row["fd_rel_error_median"] for row in table)
+        assert next(row for row in table if row["eps"] == eps)["fd_rel_error_median"] == best < 0.05
+        chosen[name] = eps
+    assert chosen["cold"] < chosen["warm"], chosen
+
+
+def test_fd_quality_is_perfect_for_equal_deltas_and_flags_unrelated_ones():
+    torch.manual_seed(0)
+    exact = torch.randn(10, VOCAB)
+    same = sampling.fd_quality(exact.clone(), exact)
+    assert same["fd_cosine_median"] == pytest.approx(1) and same["fd_rel_error_median"] == pytest.approx(0)
+    other = sampling.fd_quality(torch.randn(10, VOCAB), exact)
+    assert other["fd_cosine_median"] < 0.5 and other["fd_rel_error_median"] > 1 and other["fd_positions"] == 10
+
+
 def test_perturbation_reports_weights_rounded_away_in_half_precision(proxy):
     half = tiny_qwen(vocab_size=72, seed=1, hidden=16).half()
     g = {n: torch.full_like(p, 1e-5, dtype=torch.float32) for n, p in half.named_parameters()}
