@@ -93,6 +93,13 @@ def fmt_acc(entry: dict | None, key: str) -> str:
     return "-" if acc is None else f"{acc:.1f}"
 
 
+def fmt_fd(entry: dict | None) -> str:
+    """The FD check of an ADS eval, 'cosine / relative error'; '-' where none ran."""
+    if entry is None or entry.get("fd_cosine_median") is None:
+        return "-"
+    return f"{entry['fd_cosine_median']:.3f} / {entry['fd_rel_error_median']:.2g}"
+
+
 def summary_line(label: str, entry: dict) -> str:
     af, raw = fmt_acc(entry, "af_accuracy"), fmt_acc(entry, "raw_accuracy")
     return f"{label}: af {af}%, raw {raw}% (n={entry.get('n', '-')})"
@@ -194,8 +201,11 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: li
         "Accuracies in percent on the test split. Teacher: the teacher sampling with the row's "
         "(tau, lam, eps). Student: the student distilled on the row's traces, decoding greedily.",
         "",
-        "| series | tau | lam | eps | teacher af | teacher raw | student af | student raw | n |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "FD: the median cosine and median relative error of the finite-difference delta_hat against the "
+        "exact JVP on holdout positions, measured before the row sampled (gentraces.py's FD check).",
+        "",
+        "| series | tau | lam | eps | teacher af | teacher raw | student af | student raw | n | FD cos / rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t, s = r["teacher"], r["student"]
@@ -203,7 +213,7 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: li
         lines.append(
             f"| {r['series']} | {r['tau']:.3g} | {r['lam']:.3g} | {r['eps']:.3g} "
             f"| {fmt_acc(t, 'af_accuracy')} | {fmt_acc(t, 'raw_accuracy')} "
-            f"| {fmt_acc(s, 'af_accuracy')} | {fmt_acc(s, 'raw_accuracy')} | {n} |")
+            f"| {fmt_acc(s, 'af_accuracy')} | {fmt_acc(s, 'raw_accuracy')} | {n} | {fmt_fd(t)} |")
     if "holdout" in entries:
         lines += ["", summary_line("Teacher greedy on holdout", entries["holdout"])]
     if "eval_teacher_base" in entries:

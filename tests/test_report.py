@@ -32,7 +32,8 @@ def exp_dir(tmp_path):
         entry(f"eval_teacher_{TEMPERATURE}", 0.70, 0.60, tau=1.5),
         entry(f"eval_student_{TEMPERATURE}", 0.55, 0.50),
         entry(f"eval_teacher_{ADS_NO_STUDENT}", 0.62, 0.58, tau=1.0, lam=0.2, eps=0.01),
-        entry(f"eval_teacher_{ADS}", 0.80, 0.75, tau=0.9, lam=0.05, eps=0.01),
+        {**entry(f"eval_teacher_{ADS}", 0.80, 0.75, tau=0.9, lam=0.05, eps=0.01),
+         "fd_cosine_median": 0.9987, "fd_rel_error_median": 0.052},
         entry("eval_student_base", 0.45, 0.42),
     ]
     write_registry(tmp_path, [json.dumps(e) for e in entries])
@@ -48,9 +49,9 @@ def test_report_table_has_one_row_per_grid_row_and_last_entry_wins(exp_dir):
     report.main(["--exp-dir", str(exp_dir)])
     rows = table_rows((exp_dir / "report.md").read_text())
     assert rows == [
-        ["ADS", "0.9", "0.05", "0.01", "80.0", "75.0", "40.0", "35.0", "100"],
-        ["ADS", "1", "0.2", "0.01", "62.0", "58.0", "-", "-", "100"],
-        ["temperature", "1.5", "0", "0", "70.0", "60.0", "55.0", "50.0", "100"],
+        ["ADS", "0.9", "0.05", "0.01", "80.0", "75.0", "40.0", "35.0", "100", "0.999 / 0.052"],
+        ["ADS", "1", "0.2", "0.01", "62.0", "58.0", "-", "-", "100", "-"],
+        ["temperature", "1.5", "0", "0", "70.0", "60.0", "55.0", "50.0", "100", "-"],
     ]
 
 
