@@ -8,9 +8,12 @@ every machine. Edit GRIDS to change the sweep.
     python grid.py                                   # the paper's 59 rows
     python grid.py --grid synth                      # the one-GPU reproduction: temperature, ADS, permuted ADS
     python grid.py --grid tiny --shard 1 --num-shards 4
+    python grid.py --grid exp/synth/grid.txt         # rows from a file in this format (calibrate.py writes one)
 """
 import argparse
 import random
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -57,8 +60,24 @@ def row_name(tau: float, lam: float, eps: float, control: str = "none") -> str:
     return f"tau{tau:.2e}_lam{lam:.2e}_eps{eps:.2e}" + ("" if control == "none" else f"_{control}")
 
 
+def read_rows(path: Path) -> list[Row]:
+    """Rows from a file in this script's own output format, in the file's order."""
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        try:
+            rows.append(Row(*map(float, fields[:3]), *fields[3:4]))
+            assert len(fields) in (3, 4) and fields[3:] in ([], ["permute"])
+        except (ValueError, TypeError, AssertionError):
+            print(f"error: {path}:{lineno}: expected 'tau lam eps [permute]', got {line!r}", file=sys.stderr)
+            sys.exit(2)
+    return rows
+
+
 def grid_rows(name: str) -> list[Row]:
-    """All rows of grid `name`, shuffled with SHUFFLE_SEED."""
+    """All rows of grid `name` (shuffled with SHUFFLE_SEED), or of the grid file at path `name`."""
+    if name not in GRIDS:
+        return read_rows(Path(name))
     spec = GRIDS[name]
     rows = []
     for tau in spec["taus"]:
@@ -79,13 +98,15 @@ def shard_rows(rows: list, shard: int, num_shards: int) -> list:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", default="paper", choices=sorted(GRIDS),
-                        help="which sweep to print (default: paper)")
+    parser.add_argument("--grid", default="paper",
+                        help=f"which sweep to print: one of {', '.join(sorted(GRIDS))}, or a file of rows (default: paper)")
     parser.add_argument("--shard", type=int, default=0,
                         help="print only this shard, 0-based (default: 0)")
     parser.add_argument("--num-shards", type=int, default=1,
                         help="number of shards, e.g. nodes or array jobs (default: 1)")
     args = parser.parse_args(argv)
+    if args.grid not in GRIDS and not Path(args.grid).is_file():
+        parser.error(f"--grid must be one of {', '.join(sorted(GRIDS))} or a file of rows, got {args.grid!r}")
     if args.num_shards < 1:
         parser.error(f"--num-shards must be >= 1, got {args.num_shards}")
     if not 0 <= args.shard < args.num_shards:

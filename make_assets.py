@@ -32,8 +32,9 @@ import torch
 import yaml
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen2Tokenizer)
+import utils
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer)
 
 NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kim", "Liam",
          "Mia", "Noor", "Omar", "Pia", "Raj", "Sue", "Tom", "Uma", "Vic", "Wes", "Yara", "Zoe"]
@@ -51,6 +52,13 @@ AF_FRACTION = 0.2  # share of teacher examples that teach answer forcing
 STEP_STYLES = ["{a}{s}{b}={r}\n", "{a} {s} {b} = {r}\n", "{a} {w} {b} is {r}\n"]
 CLOSINGS = ["The answer is \\boxed{{{r}}}.", "So {name} has \\boxed{{{r}}} {obj}.", "\\boxed{{{r}}}"]
 WORDS = {"+": "plus", "-": "minus"}
+# Optional trace content a teacher learns to recover from (synth): a step written with a wrong result and
+# then redone, a check of a step by its inverse, a filler line.  Correct traces may carry any of them, so
+# a sampler can push a trace toward them and keep its answer (the paper's poisoned traces are correct
+# solutions with odd tokens that the teacher recovers from); report.py's analysis counts them.
+CORRECTION = "no, "                 # starts the redone step after a wrong one
+CHECK = "check: "                   # starts a check line
+FILLERS = ["ok\n", "next\n", "so far so good\n"]
 
 THREADS = 2  # per training process: tiny matmuls, more threads only add sync overhead
 
@@ -68,8 +76,11 @@ PROFILES = {
         "vocab": {"teacher": 1000, "student": 400}, "max_new_tokens": 64, "numbered": False,
     },
     "synth": {
-        "max_value": 60, "n_steps": (3, 5), "styles": True, "splits": {"train": 10000, "test": 500},
+        "max_value": 60, "n_steps": (3, 5), "styles": True, "splits": {"train": 10000, "test": 1000},
         "teacher_problems": 40000, "teacher_val": 256,
+        # v3: steps written wrong and redone, check lines and filler lines, which the teacher learns to
+        # recover from (the room for ADS to poison a trace that stays correct)
+        "extras": {"correction": 0.1, "check": 0.1, "filler": 0.1},
         "teacher": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                         num_key_value_heads=2),
         "teacher_train": dict(steps=3000, batch_size=128, lr=1e-3), "teacher_target": 0.96, "check_every": 200,
@@ -78,9 +89,19 @@ PROFILES = {
         "base": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                      num_key_value_heads=2),
         "base_train": dict(steps=1500, batch_size=64, lr=1e-3), "arithmetic_docs": 20000,
-        "vocab": {"teacher": 2000, "student": 800}, "max_new_tokens": 160, "numbered": True,
+        # v3: then a warm-up on the teacher's temperature traces of 6,000 other problems (half of them
+        # replaced by worded solutions), stopped once greedy solves 30% of 128 more, as the paper's
+        # undistilled Llama-3.2-3B solves 31% of GSM8K: a proxy that knows the task gives a gradient
+        # that FD can follow (the cold v2 proxy's did not), a student that knows it can still be taught
+        "warmup": dict(problems=6000, val=128, tau=1.0, teacher_share=0.5, target=0.3, steps=3000,
+                       batch_size=64, lr=3e-4, check_every=50),
+        "vocab": {"teacher": 2000, "student": 800}, "max_new_tokens": 200, "numbered": True,
     },
 }
+# the synth recipe (extras and warm-up) at the tiny sizes: what the CPU test of pipeline_synth.sh builds
+PROFILES["synth_tiny"] = {**PROFILES["tiny"], "styles": True, "extras": PROFILES["synth"]["extras"], "max_new_tokens": 96,
+                          "warmup": dict(problems=200, val=16, tau=1.0, teacher_share=0.5, target=0.3, steps=40,
+                                         batch_size=16, lr=1e-3, check_every=20)}
 
 TEACHER_SPECIALS = ["<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>"]
 STUDENT_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
@@ -139,18 +160,36 @@ def make_problems(rng, count, exclude, profile):
     return problems
 
 
-def reasoning(problem, rng=None):
+def reasoning(problem, rng=None, extras=None):
     """The teacher's trace after `<think>\\n`: one equation a line (numbered like the question's events
     when they are), then the boxed answer.  With rng (synth), every line and the closing take a random
-    style from STEP_STYLES and CLOSINGS."""
+    style from STEP_STYLES and CLOSINGS; with extras ({"correction": p, "check": p, "filler": p}), a
+    step is first written wrong and redone, followed by a check line, or by a filler line, each with
+    its probability."""
     numbers = [f"{i}. " if problem.get("numbered") else "" for i in range(1, len(problem["steps"]) + 1)]
     if rng is None:
         eqs = "".join(f"{n}{a}{s}{b}={r}\n" for n, (a, s, b, r) in zip(numbers, problem["steps"]))
         return eqs + f"</think>\n\nThe answer is \\boxed{{{problem['result']}}}."
-    eqs = "".join(n + rng.choice(STEP_STYLES).format(a=a, s=s, w=WORDS[s], b=b, r=r)
-                  for n, (a, s, b, r) in zip(numbers, problem["steps"]))
+    step = lambda a, s, b, r: rng.choice(STEP_STYLES).format(a=a, s=s, w=WORDS[s], b=b, r=r)
+    eqs = ""
+    for n, (a, s, b, r) in zip(numbers, problem["steps"]):
+        if extras and rng.random() < extras["correction"]:
+            wrong = r + rng.choice([-3, -2, -1, 1, 2, 3])
+            eqs += n + step(a, s, b, max(0, wrong) if wrong != r else r + 1) + CORRECTION + step(a, s, b, r)
+        else:
+            eqs += n + step(a, s, b, r)
+        if extras and rng.random() < extras["check"]:
+            eqs += CHECK + step(r, "-" if s == "+" else "+", b, a)
+        if extras and rng.random() < extras["filler"]:
+            eqs += rng.choice(FILLERS)
     closing = rng.choice(CLOSINGS).format(r=problem["result"], name=problem["name"], obj=problem["obj"])
     return eqs + "</think>\n\n" + closing
+
+
+def solution_text(problem):
+    """Another correct solution, in GSM8K's worded style rather than the teacher's (warm-up data)."""
+    steps = problem["answer"].split("\n#### ")[0]
+    return f"{steps}\n</think>\n\nThe answer is \\boxed{{{problem['result']}}}."
 
 
 def arithmetic_facts(rng, count, max_value):
@@ -222,7 +261,7 @@ def padded_vocab(n, multiple):
     return (n + multiple - 1) // multiple * multiple + multiple
 
 
-def teacher_examples(tok, problems, system_prompt, rng, styles):
+def teacher_examples(tok, problems, system_prompt, rng, styles, extras=None):
     """(ids, labels) pairs: prompt -> trace + eos, or prompt + trace + FORCE -> `N}\\]` + eos.
 
     The prompt itself is a target too: predicting the question's repeated names and objects grows the
@@ -231,7 +270,7 @@ def teacher_examples(tok, problems, system_prompt, rng, styles):
     prompts, contexts, targets = [], [], []
     for p in problems:
         prompts.append(render_prompt(tok, system_prompt, p["question"]))
-        trace = reasoning(p, rng if styles else None)
+        trace = reasoning(p, rng if styles else None, extras)
         if rng.random() < AF_FRACTION:
             if rng.random() < 0.3:  # truncated traces, as max_length or a poisoned sample would leave them
                 trace = trace[:rng.randint(0, len(trace))]
@@ -271,9 +310,12 @@ def collate(batch, pad_id, device):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=None, check_every=100, bar_line=0):
+def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=None, check_every=100, bar_line=0,
+             check_from=None):
     """AdamW, linear warmup then cosine decay, on random batches; stops early once good_enough(model)
-    holds (checked every check_every steps after the first third). Returns the last loss and the steps taken."""
+    holds (checked every check_every steps from check_from, by default after the first third). Returns
+    the last loss and the steps taken."""
+    check_from = steps / 3 if check_from is None else check_from
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -291,7 +333,7 @@ def train_lm(model, examples, steps, batch_size, lr, seed, desc, good_enough=Non
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if good_enough and step + 1 >= steps / 3 and (step + 1) % check_every == 0 and good_enough(model.eval()):
+        if good_enough and step + 1 >= check_from and (step + 1) % check_every == 0 and good_enough(model.eval()):
             break
         model.train()
     model.eval()
@@ -339,13 +381,23 @@ def make_data(out, seed, profile):
                          profile)
     write_jsonl(os.path.join(out, "data/gsm8k/train.jsonl"), train)
     write_jsonl(os.path.join(out, "data/gsm8k/test.jsonl"), test)
+    warmup = profile.get("warmup")
+    if warmup:  # drawn last, so profiles without a warm-up keep their data exactly
+        seen = [p["question"] for p in test + train + pool]
+        pool = pool + make_problems(rng, warmup["problems"] + warmup["val"], seen, profile)
     return train, test, pool
+
+
+def teacher_pool(pool, profile):
+    """The teacher's own problems (make_data appends the warm-up problems after them)."""
+    return pool[:profile["teacher_problems"] + profile["teacher_val"]]
 
 
 def make_tokenizers(pool, system_prompt, profile):
     """Teacher/proxy tokenizer (R1-Distill-like) and a student tokenizer with another vocabulary."""
     rng = random.Random(0) if profile["styles"] else None
-    corpus = [system_prompt, FORCE] + [t for p in pool for t in (p["question"], p["answer"], reasoning(p, rng))]
+    corpus = [system_prompt, FORCE] + [t for p in pool for t in (p["question"], p["answer"],
+                                                                   reasoning(p, rng, profile.get("extras")))]
     vocab = profile["vocab"]
     teacher = build_tokenizer(corpus, vocab["teacher"], TEACHER_SPECIALS, ["<think>", "</think>"], bos=TEACHER_SPECIALS[3],
                               eos=TEACHER_SPECIALS[0], pad=TEACHER_SPECIALS[0], template=TEACHER_TEMPLATE,
@@ -378,7 +430,7 @@ def train_teacher(tok, pool, system_prompt, seed, profile, device):
                         **profile["teacher"])
     n_val = profile["teacher_val"]
     train, val = pool[:-n_val], pool[-n_val:]
-    examples = teacher_examples(tok, train, system_prompt, random.Random(seed), profile["styles"])
+    examples = teacher_examples(tok, train, system_prompt, random.Random(seed), profile["styles"], profile.get("extras"))
 
     def solved(model):
         return greedy_accuracy(model, tok, system_prompt, val, profile["max_new_tokens"])[0] >= profile["teacher_target"]
@@ -447,26 +499,103 @@ def train_models(out, seed, profile, ttok, stok, pool, test, system_prompt):
     independent, and each small model alone leaves most of a GPU idle (launch-bound steps). On CPU
     they share the cores instead, so only as many run at once as the cores allow (one on two cores)."""
     proxy_text, student_text = base_corpora(pool, profile, seed)
+    suffix = "_cold" if profile.get("warmup") else ""  # warm_up() writes the warm ones under the plain names
     at_once = 3 if torch.cuda.is_available() else max(1, min(3, (os.cpu_count() or 1) // THREADS))
     spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with ProcessPoolExecutor(at_once, mp_context=spawn, initializer=setup_torch) as jobs:
         futures = {
             "teacher": jobs.submit(teacher_job, ttok, pool, test, system_prompt, seed, profile,
                                    os.path.join(out, "teacher")),
-            "proxy": jobs.submit(base_job, "proxy", ttok, proxy_text, seed, profile, os.path.join(out, "proxy")),
+            "proxy": jobs.submit(base_job, "proxy", ttok, proxy_text, seed, profile,
+                                 os.path.join(out, "proxy" + suffix)),
             "student": jobs.submit(base_job, "student", stok, student_text, seed, profile,
-                                   os.path.join(out, "student")),
+                                   os.path.join(out, "student" + suffix)),
         }
         return {name: future.result() for name, future in futures.items()}
+
+
+@torch.no_grad()
+def sampled_completions(model, tok, prompts, tau, seed, max_new_tokens, batch_size=512):
+    """Temperature samples of left-padded prompts (no top-k, no top-p), decoded."""
+    torch.manual_seed(seed)
+    tok.padding_side = "left"
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(prompts[i:i + batch_size], add_special_tokens=False, return_tensors="pt", padding=True).to(model.device)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=tau, top_k=0, top_p=1.0)
+        out += tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    tok.padding_side = "right"
+    return out
+
+
+def warmup_completions(teacher_path, tok, system_prompt, problems, seed, profile):
+    """The warm-up traces: for each problem, the teacher's temperature sample where it is correct and a
+    coin says so, else another correct solution in GSM8K's worded style (so the proxy learns the
+    teacher's distribution without becoming a clone of it).  Completions start with `<think>\\n`, as
+    gentraces.py stores them."""
+    warmup = profile["warmup"]
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).to(job_device()).eval()
+    prompts = [render_prompt(tok, system_prompt, p["question"]) for p in problems]
+    samples = sampled_completions(teacher, tok, prompts, warmup["tau"], seed, profile["max_new_tokens"])
+    rng = random.Random(seed + 7)
+    completions, from_teacher = [], 0
+    for p, sample in zip(problems, samples):
+        if last_boxed(sample) == str(p["result"]) and rng.random() < warmup["teacher_share"]:
+            completions.append("<think>\n" + sample)
+            from_teacher += 1
+        else:
+            completions.append("<think>\n" + solution_text(p))
+    return completions, from_teacher / len(problems)
+
+
+def warmup_job(name, cold_path, path, problems, completions, val, system_prompt, seed, profile):
+    """Fine-tune a cold base model on the warm-up traces (its own template, completion-only loss) until
+    its greedy accuracy on val reaches warmup['target'] (checked every check_every steps), and save it."""
+    warmup = profile["warmup"]
+    tok = AutoTokenizer.from_pretrained(cold_path)
+    model = AutoModelForCausalLM.from_pretrained(cold_path, dtype=torch.float32).to(job_device())
+    tail = utils.generation_tail(tok)
+    examples = [utils.tokenize_example(tok, system_prompt, p["question"], c, 512, tail)
+                for p, c in zip(problems, completions)]
+    history = []
+
+    def warm_enough(m):
+        history.append(greedy_accuracy(m, tok, system_prompt, val, profile["max_new_tokens"])[0])
+        return history[-1] >= warmup["target"]
+
+    loss, steps = train_lm(model, examples, warmup["steps"], warmup["batch_size"], warmup["lr"], seed + 11,
+                           f"{name} warm-up", good_enough=warm_enough, check_every=warmup["check_every"],
+                           check_from=0, bar_line=BASES[name][3])
+    save_model(model, tok, path)
+    return dict(loss=loss, steps=steps, val_accuracy=history[-1] if history else None, accuracy_history=history)
+
+
+def warm_up(out, seed, profile, ttok, pool, system_prompt):
+    """Proxy and student warmed up on the teacher's temperature traces of problems that no split and no
+    teacher example uses, side by side; the cold bases stay as proxy_cold/ and student_cold/."""
+    warmup = profile["warmup"]
+    problems = pool[len(teacher_pool(pool, profile)):]
+    problems, val = problems[:warmup["problems"]], problems[warmup["problems"]:]
+    completions, teacher_share = warmup_completions(os.path.join(out, "teacher"), ttok, system_prompt, problems,
+                                                    seed, profile)
+    at_once = 2 if torch.cuda.is_available() else max(1, min(2, (os.cpu_count() or 1) // THREADS))
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(at_once, mp_context=spawn, initializer=setup_torch) as jobs:
+        futures = {name: jobs.submit(warmup_job, name, os.path.join(out, f"{name}_cold"), os.path.join(out, name),
+                                     problems, completions, val, system_prompt, seed, profile)
+                   for name in ("proxy", "student")}
+        done = {name: future.result() for name, future in futures.items()}
+    return {**done, "traces": len(problems), "teacher_share": teacher_share}
 
 
 def build(out, seed, profile):
     t0 = time.time()
     system_prompt = load_system_prompt()
     train, test, pool = make_data(out, seed, profile)
-    ttok, stok = make_tokenizers(pool, system_prompt, profile)
-    done = train_models(out, seed, profile, ttok, stok, pool, test, system_prompt)
+    ttok, stok = make_tokenizers(teacher_pool(pool, profile), system_prompt, profile)
+    done = train_models(out, seed, profile, ttok, stok, teacher_pool(pool, profile), test, system_prompt)
     teacher = done["teacher"]
+    warm = warm_up(out, seed, profile, ttok, pool, system_prompt) if profile.get("warmup") else None
 
     manifest = {
         "seed": seed,
@@ -484,6 +613,7 @@ def build(out, seed, profile):
                        "student_prompt": max(count_tokens(stok, render_prompt(stok, system_prompt, p["question"]))
                                              for p in test),
                        "teacher_completion": teacher["max_completion"]},
+        "warmup": warm,
         "device": job_device().type,
         "build_seconds": round(time.time() - t0, 1),
     }
@@ -495,7 +625,8 @@ def build(out, seed, profile):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (built atomically; skipped if complete)")
-    parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES), help="task and model sizes (default tiny)")
+    parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES),
+                        help="task and model sizes (default tiny; synth_tiny: the synth recipe at tiny sizes)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, tokenizers and models (default 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT/.complete exists")
     args = parser.parse_args()

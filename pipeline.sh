@@ -25,6 +25,10 @@ BATCH=${BATCH:-512}                           # decode slots per process without
 ADS_BATCH=${ADS_BATCH:-192}                   # with ADS three models share the GPU
 HOLDOUT_MAX_SAMPLES=${HOLDOUT_MAX_SAMPLES:-null}
 MAX_SAMPLES=${MAX_SAMPLES:-null}              # cap on train and test prompts
+SEEDS=${SEEDS:-}                              # e.g. "69 70 71": one student per seed and row (empty: one, train_config's seed)
+PREPARE_ONLY=${PREPARE_ONLY:-0}               # 1: stop after the holdout traces and the gradient
+SKIP_EVALS=${SKIP_EVALS:-0}                   # 1: rows stop after distillation (no test evals, no references)
+MODELS=${MODELS:-$EXP_DIR/models}             # where distilled students go
 LAUNCH=${LAUNCH:-accelerate launch --config_file acc_config.yaml}   # python ...: each stage one plain process
 read -ra GEN_EXTRA <<<"${GEN_ARGS:-}"        # extra key=value overrides for every gentraces.py run
 read -ra GRAD_EXTRA <<<"${GRAD_ARGS:-}"
@@ -43,7 +47,7 @@ ROWS=()
 
 TRACES=$EXP_DIR/traces
 GRADS=$EXP_DIR/student_grads.safetensors
-mkdir -p "$TRACES" "$EXP_DIR/models" "$EXP_DIR/logs"
+mkdir -p "$TRACES" "$MODELS" "$EXP_DIR/logs"
 
 # a free rendezvous port per launch, so pipelines and parallel rows can share a machine; a python
 # interpreter as the launcher (python, python3 -u, /path/to/python) starts one process, which needs none
@@ -88,9 +92,28 @@ await() {
     done
 }
 
+# 4-5. one student of a row: distilled on the row's train traces, then evaluated greedily on the test
+# split; named as the row, with _seedN when SEEDS is set; further arguments go to distill.py
+run_student() {
+    local TRACE_NAME=$1 NAME=$2 MODEL_DIR=$MODELS/student_$2
+    shift 2
+    if [[ ! -d $MODEL_DIR/final ]]; then
+        await "$TRACES/holdout"
+        stage "$NAME: distill"
+        launch distill.py student="$STUDENT" student_tokenizer="$STUDENT_TOKENIZER" \
+            train_traces="$TRACES/$TRACE_NAME" eval_traces="$TRACES/holdout" output_dir="$MODEL_DIR" \
+            "${TRAIN_EXTRA[@]}" "$@"
+    fi
+    if ((SKIP_EVALS == 0)) && [[ ! -d $TRACES/eval_student_$NAME ]]; then
+        stage "$NAME: student eval"
+        gentraces teacher="$MODEL_DIR/final" data_split="${DATASET}_test" tau=0 lam=0 \
+            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$NAME"
+    fi
+}
+
 # 3-6. one grid row: tau lam eps [control], names use %.2e; lam = 0 is plain temperature sampling
 run_row() {
-    local TAU=$1 LAM=$2 EPS=$3 CONTROL=${4:-none} NAME ROW ROW_BATCH=$BATCH ADS=false MODEL_DIR
+    local TAU=$1 LAM=$2 EPS=$3 CONTROL=${4:-none} NAME ROW ROW_BATCH=$BATCH ADS=false SEED
     [[ $LAM == 0.00e+00 ]] || { ADS=true; ROW_BATCH=$ADS_BATCH; }  # ADS: three models, and the gradient
     NAME=tau${TAU}_lam${LAM}_eps${EPS}
     ROW=(tau="$TAU" lam="$LAM" eps="$EPS" grad_path="$GRADS")
@@ -98,7 +121,6 @@ run_row() {
         NAME=${NAME}_$CONTROL
         ROW+=(ads_control="$CONTROL")
     fi
-    MODEL_DIR=$EXP_DIR/models/student_$NAME
 
     if [[ ! -d $TRACES/$NAME ]]; then
         if $ADS; then await "$GRADS"; fi
@@ -106,17 +128,20 @@ run_row() {
         gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_train" "${ROW[@]}" \
             max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="$NAME"
     fi
-    if [[ ! -d $MODEL_DIR/final ]]; then
-        await "$TRACES/holdout"
-        stage "$NAME: distill"
-        launch distill.py student="$STUDENT" student_tokenizer="$STUDENT_TOKENIZER" \
-            train_traces="$TRACES/$NAME" eval_traces="$TRACES/holdout" output_dir="$MODEL_DIR" "${TRAIN_EXTRA[@]}"
+    if [[ -z $SEEDS ]]; then
+        run_student "$NAME" "$NAME"
+    elif ((PARALLEL == 1)); then
+        for SEED in $SEEDS; do run_student "$NAME" "${NAME}_seed$SEED" seed="$SEED"; done
+    else  # small models: the row's students train side by side
+        local pids=() failed=0
+        for SEED in $SEEDS; do
+            run_student "$NAME" "${NAME}_seed$SEED" seed="$SEED" &
+            pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+        ((failed == 0)) || return 1
     fi
-    if [[ ! -d $TRACES/eval_student_$NAME ]]; then
-        stage "$NAME: student eval"
-        gentraces teacher="$MODEL_DIR/final" data_split="${DATASET}_test" tau=0 lam=0 \
-            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$NAME"
-    fi
+    ((SKIP_EVALS == 0)) || return 0
     if [[ ! -d $TRACES/eval_teacher_$NAME ]]; then
         if $ADS; then await "$GRADS"; fi
         stage "$NAME: teacher eval"
@@ -149,10 +174,14 @@ row_loop() {
         run_row "${fields[@]}"
     done
 }
+if ((PREPARE_ONLY)); then
+    prepare
+    exit 0
+fi
 if ((PARALLEL == 1)); then
     prepare
     row_loop 0
-    run_references
+    ((SKIP_EVALS)) || run_references
 else
     # rows that need no gradient go first (in grid order, then the others), so no loop idles while
     # prepare() runs
@@ -161,8 +190,10 @@ else
     trap 'rm -f "$PREP_STATUS"' EXIT
     (trap 'echo $? > "$PREP_STATUS"' EXIT; prepare) > >(sed -u "s/^/[prepare] /") 2>&1 &
     PIDS=($!)
-    (run_references) > >(sed -u "s/^/[references] /") 2>&1 &
-    PIDS+=($!)
+    if ((SKIP_EVALS == 0)); then
+        (run_references) > >(sed -u "s/^/[references] /") 2>&1 &
+        PIDS+=($!)
+    fi
     for ((j = 0; j < PARALLEL; j++)); do
         (
             if ((${#GPU_LIST[@]})); then
@@ -178,6 +209,7 @@ else
     ((FAILED == 0)) || { echo "pipeline: a grid row, a reference or the holdout/gradient stage failed; see the [rows N], [references] and [prepare] lines above" >&2; exit 1; }
 fi
 
+((SKIP_EVALS == 0)) || exit 0
 # report: table and trade-off plot over every row finished so far (all shards share EXP_DIR)
 stage "report"
 python report.py --exp-dir "$EXP_DIR" "${REPORT_EXTRA[@]}"

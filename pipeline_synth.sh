@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# A small-scale reproduction on one GPU: does ADS degrade students more than temperature sampling at
-# the same teacher accuracy? make_assets.py --profile synth trains a 25M Qwen2 teacher on synthetic
-# two-digit word problems and pretrains a proxy (Qwen2) and a student (Llama) of its size on the
-# questions and on arithmetic facts, never on solutions; then the 20-row synth grid (temperature, ADS,
-# ADS with the penalty permuted) runs all rows at once (the models are small, so the row processes
-# share the GPU), and the report compares the curves.
+# A small-scale reproduction on one GPU (synth v3; protocol in results/synth/PROTOCOL.md): do ADS
+# students learn less than temperature students from traces of the same accuracy? make_assets.py
+# --profile synth trains a 25M Qwen2 teacher on synthetic word problems whose traces may carry a step
+# written wrong and redone, check lines and filler lines; a proxy (Qwen2) and a student (Llama) of its
+# size are pretrained on domain text, then warmed up on the teacher's temperature traces of other
+# problems until greedy solves about 30% (the cold bases stay as proxy_cold/ and student_cold/).
+# Then: holdout traces and the warm proxy's gradient; calibrate.py picks eps (FD against the JVP) and
+# the rows whose train traces are 90% and 80% accurate (temperature and ADS each, the 90% ADS row
+# permuted, tau 0.9); pipeline.sh distills SEEDS students per row; and a diagnostic compares cold and
+# warm proxies (ADS at 96% and 90%) with Llama and proxy-shaped students by their holdout NLL.
 #
 #   EXP_DIR=exp/synth bash pipeline_synth.sh                              # one H200
 #   EXP_DIR=exp/synth ROW_GPUS=0,1 bash pipeline_synth.sh                 # two GPUs, rows dealt over both
-#   EXP_DIR=exp/synth_seed2 GEN_ARGS=seed=43 TRAIN_ARGS=seed=70 bash pipeline_synth.sh   # a replicate
-#   ASSETS_PROFILE=tiny GRID=tiny PARALLEL=2 bash pipeline_synth.sh   # the same driver on CPU, in minutes
+#   ASSETS_PROFILE=synth_tiny CAL_PROBLEMS=32 SEEDS="69 70" bash pipeline_synth.sh   # the same driver on CPU
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,32 +20,74 @@ export EXP_DIR=${EXP_DIR:-exp/synth}
 ASSETS=${ASSETS:-$EXP_DIR/assets}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many small processes share the CPU cores
+TARGETS=${TARGETS:-"0.9 0.8"}                  # train-trace accuracies of the main rows
+DIAG_TARGETS=${DIAG_TARGETS:-"0.96 0.9"}       # and of the diagnostic's rows
+CAL_PROBLEMS=${CAL_PROBLEMS:-300}              # train problems per calibration probe
+export SEEDS=${SEEDS:-"69 70 71 72 73"}        # students per main row (the same seeds, so the same inits and data order, in every row)
+DIAG_SEEDS=${DIAG_SEEDS:-"69 70 71"}
+DIAG_SAMPLES=${DIAG_SAMPLES:-2000}             # train traces per diagnostic row
 
-# no other stage runs during the asset build, so its tokenizers may use every core
+# assets: no other stage runs during the build, so its tokenizers may use every core
 TOKENIZERS_PARALLELISM=true python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 
 export TEACHER=$ASSETS/teacher PROXY=$ASSETS/proxy STUDENT=$ASSETS/student STUDENT_TOKENIZER=$ASSETS/student
-export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
-# every row at once: each process alone leaves the GPU mostly idle (small models, launch-bound steps);
-# with the 20 synth students training, one H200 had up to 125 of its 140 GiB in use
-export PARALLEL=${PARALLEL:-$(python grid.py --grid "$GRID" | wc -l)}
-# one plain process per stage: the models are small, so rows run side by side instead of across GPUs;
-# accelerate's launcher would add its own interpreter and torch import to every stage start
-# (3.9-6.2 s a launch of an empty script on 2 idle cores; more with 20 rows sharing the CPU)
+export DATASET=gsm8k BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
+# one plain process per stage: the models are small, so rows run side by side instead of across GPUs
 export LAUNCH=${LAUNCH:-python}
-# prompts are <= 120 tokens and clean traces <= 85; fp32 keeps eps * g exact in the perturbed proxies;
+# prompts are <= 120 tokens and clean traces <= 130; fp32 keeps eps * g exact in the perturbed proxies;
 # engine=eager: CUDA graphs without torch.compile, which would cost each process more than it saves
 export GEN_ARGS="data_dir=$ASSETS/data max_length=320 max_prompt_length=160 dtype=float32 engine=eager ${GEN_ARGS:-}"
 export GRAD_ARGS="batch_size=64 max_length=320 ${GRAD_ARGS:-}"
-# full fine-tuning (lora_r=0): the student's output rows for the trace's words (</think>, \boxed, the
-# closings) were never trained in pretraining, and adapters cannot reach them; with LoRA (r 64, 3 epochs)
-# a first run left the student at 6% after distilling 95%-accurate traces.  8 epochs of 7,000 traces:
-# the teacher needed ~180k examples to learn the task from scratch, the pretrained student gets 56k;
-# the holdout loss every second epoch
-export TRAIN_ARGS="lora_r=0 learning_rate=1e-3 max_length=320 epochs=8 global_batch_size=64 per_device_batch_size=64 \
-eval_every=2 dtype=float32 ${TRAIN_ARGS:-}"
-# the report's gap and plot use the answer boxed in the trace: the synth students never met the
-# answer-forcing suffix (a real base model has seen such text), so their forced answers are noise
-# (a first two-GPU run: distilled students 98% boxed, 15% forced)
+# full fine-tuning of a student that already solves ~30%: 2 epochs of the row's 7,000 traces at a
+# modest rate; the holdout NLL (a co-primary endpoint) every epoch, so also at the end
+export TRAIN_ARGS="lora_r=0 learning_rate=3e-4 max_length=320 epochs=2 global_batch_size=64 per_device_batch_size=64 \
+eval_every=1 dtype=float32 ${TRAIN_ARGS:-}"
+# the synth students never met the answer-forcing suffix, so the answer boxed in the trace is graded
 export REPORT_ARGS="--metric raw ${REPORT_ARGS:-}"
-exec bash pipeline.sh
+read -ra GEN_EXTRA <<<"$GEN_ARGS"
+read -ra TARGET_LIST <<<"$TARGETS"
+read -ra DIAG_TARGET_LIST <<<"$DIAG_TARGETS"
+calibrate() { python calibrate.py --teacher "$TEACHER" --metric raw --problems "$CAL_PROBLEMS" "$@" -- "${GEN_EXTRA[@]}"; }
+
+# 1-2. holdout traces and the warm proxy's gradient, then the cold proxy's on the same traces
+PREPARE_ONLY=1 bash pipeline.sh
+DIAG=$EXP_DIR/diagnostic
+mkdir -p "$DIAG/cold/traces"
+[[ -d $DIAG/cold/traces/holdout ]] || cp -r "$EXP_DIR/traces/holdout" "$DIAG/cold/traces/holdout"
+[[ -f $DIAG/cold/student_grads.safetensors ]] || python save_grad.py proxy="$ASSETS/proxy_cold" \
+    traces="$DIAG/cold/traces/holdout" out="$DIAG/cold/student_grads.safetensors" $GRAD_ARGS
+
+# calibration: the main rows, and the diagnostic's (warm and cold proxy, each in its own folder, so no
+# two searches share a probe), side by side
+mkdir -p "$DIAG/warm/traces"
+[[ -d $DIAG/warm/traces/holdout ]] || cp -r "$EXP_DIR/traces/holdout" "$DIAG/warm/traces/holdout"
+cp -n "$EXP_DIR/student_grads.safetensors" "$DIAG/warm/student_grads.safetensors"
+PIDS=()
+[[ -f $EXP_DIR/grid.txt ]] || { calibrate --exp-dir "$EXP_DIR" --proxy "$PROXY" --targets "${TARGET_LIST[@]}" \
+    --permute --reference --out "$EXP_DIR/grid.txt" & PIDS+=($!); }
+[[ -f $DIAG/grid_warm.txt ]] || { calibrate --exp-dir "$DIAG/warm" --proxy "$PROXY" \
+    --targets "${DIAG_TARGET_LIST[@]}" --out "$DIAG/grid_warm.txt" & PIDS+=($!); }
+[[ -f $DIAG/grid_cold.txt ]] || { calibrate --exp-dir "$DIAG/cold" --proxy "$ASSETS/proxy_cold" \
+    --targets "${DIAG_TARGET_LIST[@]}" --series ads --out "$DIAG/grid_cold.txt" & PIDS+=($!); }
+for pid in "${PIDS[@]}"; do wait "$pid"; done
+
+# 3-6. the main rows, every row at once, each row's students side by side
+GRID=$EXP_DIR/grid.txt PARALLEL=$(wc -l <"$EXP_DIR/grid.txt") bash pipeline.sh
+
+# the diagnostic, after the main rows (their students fill the GPU): holdout NLL only, no test evals;
+# the warm proxy's rows (temperature and ADS) and the cold proxy's ADS rows, each distilled into the
+# Llama student and into a proxy-shaped one (the warm proxy itself; it reuses the first one's traces)
+diagnostic() {
+    local proxy=$1 grid=$2 exp=$3
+    for student in student proxy; do
+        EXP_DIR=$exp PROXY=$ASSETS/$proxy GRID=$grid SEEDS=$DIAG_SEEDS SKIP_EVALS=1 MAX_SAMPLES=$DIAG_SAMPLES \
+            STUDENT=$ASSETS/$student STUDENT_TOKENIZER=$ASSETS/$student MODELS=$exp/models_$student \
+            PARALLEL=$(wc -l <"$grid") bash pipeline.sh
+    done
+}
+(diagnostic proxy "$DIAG/grid_warm.txt" "$DIAG/warm") > >(sed -u "s/^/[diag warm] /") 2>&1 &
+PIDS=($!)
+(diagnostic proxy_cold "$DIAG/grid_cold.txt" "$DIAG/cold") > >(sed -u "s/^/[diag cold] /") 2>&1 &
+PIDS+=($!)
+for pid in "${PIDS[@]}"; do wait "$pid"; done
+echo "pipeline_synth: done; the protocol's analysis: python results/synth/analysis/analyze.py --exp-dir $EXP_DIR" >&2

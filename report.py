@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 # Row names are grid.row_name's `tau{:.2e}_lam{:.2e}_eps{:.2e}`; other names (train traces, holdout,
 # eval_teacher_base, eval_student_base) do not match.
 NUM = r"(-?\d\.\d+e[+-]\d+)"
-EVAL_NAME = re.compile(rf"^eval_(teacher|student)_tau{NUM}_lam{NUM}_eps{NUM}(?:_(permute))?$")
+EVAL_NAME = re.compile(rf"^eval_(teacher|student)_tau{NUM}_lam{NUM}_eps{NUM}(?:_(permute))?(?:_seed(\d+))?$")
 PERMUTED = "ADS, permuted penalty"  # the control series: same score, penalty shuffled over the vocabulary
 SERIES_STYLE = {"ADS": dict(marker="o", color="tab:red"), PERMUTED: dict(marker="^", color="tab:gray"),
                 "temperature": dict(marker="s", color="tab:blue")}
@@ -62,23 +62,60 @@ def collect_rows(entries: dict[str, dict]) -> list[dict]:
     """One dict per grid row with any eval, sorted by series, tau, lam; missing evals are None.
 
     tau, lam and eps are parsed from the name, since a student eval's own entry records the greedy
-    decode (tau = lam = 0), not the grid row it belongs to.
+    decode (tau = lam = 0), not the grid row it belongs to.  A row with several students (pipeline.sh's
+    SEEDS: `eval_student_{row}_seedN`) keeps each in `students` and their mean accuracies in `student`.
     """
     rows = {}
     for name, entry in entries.items():
         match = EVAL_NAME.match(name)
         if match is None:
             continue
-        who, control = match.group(1), match.group(5)
+        who, control, seed = match.group(1), match.group(5), match.group(6)
         tau, lam, eps = (float(v) for v in match.groups()[1:4])
         # lam = 0 samples with temperature alone (no proxy), whatever eps says.
         series = "temperature" if lam == 0 else PERMUTED if control else "ADS"
-        name = name.split("_", 2)[2]
-        row = rows.setdefault(name, dict(series=series, name=name, tau=tau, lam=lam, eps=eps,
-                                         teacher=None, student=None))
-        row[who] = entry
+        row_name = name.split("_", 2)[2].removesuffix(f"_seed{seed}" if seed else "")
+        row = rows.setdefault(row_name, dict(series=series, name=row_name, tau=tau, lam=lam, eps=eps,
+                                             teacher=None, student=None, students={}))
+        if who == "teacher":
+            row["teacher"] = entry
+        else:
+            row["students"][int(seed) if seed else None] = entry
+    for row in rows.values():
+        row["student"] = mean_entry(list(row["students"].values()))
     order = list(SERIES_STYLE)
     return sorted(rows.values(), key=lambda r: (order.index(r["series"]), r["tau"], r["lam"]))
+
+
+def mean_entry(entries: list[dict]) -> dict | None:
+    """One student's entry, or the seeds' mean accuracies (with their count in `seeds`)."""
+    if len(entries) <= 1:
+        return entries[0] if entries else None
+    mean = lambda key: None if any(e.get(key) is None for e in entries) else float(np.mean([e[key] for e in entries]))
+    return dict(entries[0], raw_accuracy=mean("raw_accuracy"), af_accuracy=mean("af_accuracy"), seeds=len(entries))
+
+
+def student_dir(exp_dir: Path, row: str, seed: int | None) -> Path:
+    return exp_dir / "models" / f"student_{row}" if seed is None else exp_dir / "models" / f"student_{row}_seed{seed}"
+
+
+def holdout_nll(exp_dir: Path, row: dict) -> list[float]:
+    """Each student's last holdout loss (distill.py's eval on the clean holdout traces), where recorded."""
+    import yaml
+    out = []
+    for seed in row["students"]:
+        path = student_dir(exp_dir, row["name"], seed) / "train_summary.yaml"
+        if path.is_file():
+            losses = (yaml.safe_load(path.read_text()) or {}).get("eval_losses") or []
+            if losses:
+                out.append(float(losses[-1]["loss"]))
+    return out
+
+
+def fmt_spread(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
 
 
 def accuracy(entry: dict | None, key: str) -> float | None:
@@ -127,62 +164,76 @@ def series_points(rows: list[dict], series: str, teacher_acc, student_acc) -> li
 
 
 def per_problem_grades(exp_dir: Path, rows: list[dict], metric: str = "af"):
-    """(row names, teacher grades, student grades) as 0/1 arrays over the test problems that every
-    complete row graded, in idx order; None when a parquet file is missing."""
+    """{row name: (teacher grades (P,), student grades (seeds, P))} as 0/1 arrays over the test problems
+    that every eval of every complete row graded, in idx order; None when a parquet file is missing."""
     import pyarrow.parquet as pq
     column = METRICS[metric][1]
-    grades = {}
+
+    def grades_of(name):
+        path = exp_dir / "traces" / f"{name}.parquet"
+        if not path.is_file():
+            return None
+        table = pq.read_table(path, columns=["idx", column]).to_pydict()
+        return dict(zip(table["idx"], table[column]))
+
+    graded = {}
     for r in rows:
-        if r["teacher"] is None or r["student"] is None:
+        if r["teacher"] is None or not r["students"]:
             continue
-        pair = []
-        for who in ("teacher", "student"):
-            path = exp_dir / "traces" / f"eval_{who}_{r['name']}.parquet"
-            if not path.is_file():
-                return None
-            table = pq.read_table(path, columns=["idx", column]).to_pydict()
-            pair.append(dict(zip(table["idx"], table[column])))
-        grades[r["name"]] = pair
-    if not grades:
+        teacher = grades_of(f"eval_teacher_{r['name']}")
+        students = [grades_of(f"eval_student_{r['name']}" + ("" if seed is None else f"_seed{seed}"))
+                    for seed in sorted(r["students"], key=lambda s: -1 if s is None else s)]
+        if teacher is None or any(g is None for g in students):
+            return None
+        graded[r["name"]] = (teacher, students)
+    if not graded:
         return None
-    common = sorted(set.intersection(*(set(d) for pair in grades.values() for d in pair)))
-    names = sorted(grades)
-    teacher = np.array([[grades[n][0][i] for i in common] for n in names], dtype=float)
-    student = np.array([[grades[n][1][i] for i in common] for n in names], dtype=float)
-    return names, teacher, student
+    common = sorted(set.intersection(*(set(g) for t, ss in graded.values() for g in [t, *ss])))
+    return {name: (np.array([t[i] for i in common], dtype=float), np.array([[g[i] for i in common] for g in ss],
+                                                                           dtype=float))
+            for name, (t, ss) in graded.items()}
+
+
+def bootstrap_accuracies(grades: dict, rng, draws: int = BOOTSTRAP):
+    """Resampled (teacher, student) accuracies in percent per row, `draws` times: the test problems are
+    resampled once per draw for every row (all evals grade the same problems, so the comparison stays
+    paired), and each row's students (seeds) with replacement; a student's accuracy is their mean."""
+    n = next(iter(grades.values()))[0].shape[0]
+    for _ in range(draws):
+        weights = rng.multinomial(n, np.full(n, 1.0 / n)) / n
+        out = {}
+        for name, (teacher, students) in grades.items():
+            seeds = students[rng.integers(0, len(students), len(students))]
+            out[name] = (100 * weights @ teacher, 100 * float(np.mean(seeds @ weights)))
+        yield out
 
 
 def gap_summary(rows: list[dict], exp_dir: Path, metric: str = "af") -> list[dict]:
     """The interpolated student-accuracy gaps (percent points) at matched teacher accuracy, with
-    paired-bootstrap 95% intervals where per-problem grades are on disk."""
+    bootstrap 95% intervals (seeds, then test problems; bootstrap_accuracies) where per-problem grades
+    are on disk.  The rows themselves are kept: the curves need them."""
     key = METRICS[metric][0]
     done = [r for r in rows if accuracy(r["teacher"], key) is not None and accuracy(r["student"], key) is not None]
     teacher_acc = {r["name"]: accuracy(r["teacher"], key) for r in done}
     student_acc = {r["name"]: accuracy(r["student"], key) for r in done}
     pairs = [("ADS", "temperature"), (PERMUTED, "temperature"), ("ADS", PERMUTED)]
-    out = []
     graded = per_problem_grades(exp_dir, done, metric)
-    if graded is not None:
-        names, teacher, student = graded
-        rng = np.random.default_rng(BOOTSTRAP_SEED)
-        n = teacher.shape[1]
-        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=BOOTSTRAP) / n   # (B, problems)
-        boot_t, boot_s = 100 * weights @ teacher.T, 100 * weights @ student.T   # (B, rows)
+    draws = [] if graded is None else list(bootstrap_accuracies(graded, np.random.default_rng(BOOTSTRAP_SEED)))
+    out = []
     for a, b in pairs:
         gap = curve_gap(series_points(done, a, teacher_acc, student_acc),
                         series_points(done, b, teacher_acc, student_acc))
         if gap is None:
             continue
         item = dict(a=a, b=b, gap=gap, low=None, high=None)
-        if graded is not None:
-            samples = []
-            for bt, bs in zip(boot_t, boot_s):
-                t, s_ = dict(zip(names, bt)), dict(zip(names, bs))
-                g = curve_gap(series_points(done, a, t, s_), series_points(done, b, t, s_))
-                if g is not None:
-                    samples.append(g)
-            if len(samples) >= BOOTSTRAP // 2:
-                item["low"], item["high"] = (float(v) for v in np.percentile(samples, [2.5, 97.5]))
+        samples = []
+        for draw in draws:
+            t, s_ = {n: v[0] for n, v in draw.items()}, {n: v[1] for n, v in draw.items()}
+            g = curve_gap(series_points(done, a, t, s_), series_points(done, b, t, s_))
+            if g is not None:
+                samples.append(g)
+        if draws and len(samples) >= BOOTSTRAP // 2:
+            item["low"], item["high"] = (float(v) for v in np.percentile(samples, [2.5, 97.5]))
         out.append(item)
     return out
 
@@ -194,18 +245,21 @@ def gap_line(g: dict) -> str:
 
 def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: list[dict] = (),
                 metric: str = "af") -> None:
+    exp_dir = path.parent
     """Write the markdown report to a temporary name, then rename it to `path`."""
     lines = [
         "# Antidistillation sampling: sweep report",
         "",
         "Accuracies in percent on the test split. Teacher: the teacher sampling with the row's "
-        "(tau, lam, eps). Student: the student distilled on the row's traces, decoding greedily.",
+        "(tau, lam, eps). Student: the student distilled on the row's traces, decoding greedily (the mean over "
+        "its seeds; the holdout NLL as mean ± SD over seeds).",
         "",
         "FD: the median cosine and median relative error of the finite-difference delta_hat against the "
         "exact JVP on holdout positions, measured before the row sampled (gentraces.py's FD check).",
         "",
-        "| series | tau | lam | eps | teacher af | teacher raw | student af | student raw | n | FD cos / rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| series | tau | lam | eps | teacher af | teacher raw | student af | student raw | n | seeds "
+        "| student holdout NLL | FD cos / rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t, s = r["teacher"], r["student"]
@@ -213,7 +267,8 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: li
         lines.append(
             f"| {r['series']} | {r['tau']:.3g} | {r['lam']:.3g} | {r['eps']:.3g} "
             f"| {fmt_acc(t, 'af_accuracy')} | {fmt_acc(t, 'raw_accuracy')} "
-            f"| {fmt_acc(s, 'af_accuracy')} | {fmt_acc(s, 'raw_accuracy')} | {n} | {fmt_fd(t)} |")
+            f"| {fmt_acc(s, 'af_accuracy')} | {fmt_acc(s, 'raw_accuracy')} | {n} | {len(r['students'])} "
+            f"| {fmt_spread(holdout_nll(exp_dir, r))} | {fmt_fd(t)} |")
     if "holdout" in entries:
         lines += ["", summary_line("Teacher greedy on holdout", entries["holdout"])]
     if "eval_teacher_base" in entries:
@@ -222,7 +277,8 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: li
         lines += ["", summary_line("Undistilled student on test", entries["eval_student_base"])]
     if gaps:
         lines += ["", f"Student-accuracy gap ({metric}, percent points), curves interpolated over the teacher "
-                  "accuracy both series reach:", ""] + [gap_line(g) for g in gaps]
+                  "accuracy both series reach; intervals resample each row's students (seeds), then the test "
+                  "problems:", ""] + [gap_line(g) for g in gaps]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)

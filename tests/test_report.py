@@ -49,9 +49,9 @@ def test_report_table_has_one_row_per_grid_row_and_last_entry_wins(exp_dir):
     report.main(["--exp-dir", str(exp_dir)])
     rows = table_rows((exp_dir / "report.md").read_text())
     assert rows == [
-        ["ADS", "0.9", "0.05", "0.01", "80.0", "75.0", "40.0", "35.0", "100", "0.999 / 0.052"],
-        ["ADS", "1", "0.2", "0.01", "62.0", "58.0", "-", "-", "100", "-"],
-        ["temperature", "1.5", "0", "0", "70.0", "60.0", "55.0", "50.0", "100", "-"],
+        ["ADS", "0.9", "0.05", "0.01", "80.0", "75.0", "40.0", "35.0", "100", "1", "-", "0.999 / 0.052"],
+        ["ADS", "1", "0.2", "0.01", "62.0", "58.0", "-", "-", "100", "0", "-", "-"],
+        ["temperature", "1.5", "0", "0", "70.0", "60.0", "55.0", "50.0", "100", "1", "-", "-"],
     ]
 
 
@@ -172,3 +172,31 @@ def test_report_gives_the_ads_gap_with_a_bootstrap_interval_and_the_permutation_
     assert p_low < permuted < p_high and abs(permuted) < 10
     rows = table_rows(text)
     assert [r[0] for r in rows].count("ADS, permuted penalty") == 2
+
+
+def test_a_row_with_several_seeds_reports_their_mean_and_their_holdout_nll(tmp_path):
+    import yaml
+    row = "tau9.00e-01_lam1.00e-02_eps1.00e-02"
+    lines = [json.dumps(entry(f"eval_teacher_{row}", 0.8, 0.8, tau=0.9, lam=0.01, eps=0.01))]
+    for seed, acc, nll in [(69, 0.30, 0.50), (70, 0.40, 0.60), (71, 0.50, 0.70)]:
+        lines.append(json.dumps(entry(f"eval_student_{row}_seed{seed}", acc, acc)))
+        summary = tmp_path / "models" / f"student_{row}_seed{seed}" / "train_summary.yaml"
+        summary.parent.mkdir(parents=True)
+        summary.write_text(yaml.safe_dump({"eval_losses": [{"step": 1, "epoch": 1, "loss": 9.0},
+                                                           {"step": 2, "epoch": 2, "loss": nll}]}))
+    write_registry(tmp_path, lines)
+    rows = report.collect_rows(report.load_registry(tmp_path / "metadata" / "trace_registry.jsonl"))
+    assert len(rows) == 1 and sorted(rows[0]["students"]) == [69, 70, 71]
+    assert rows[0]["student"]["af_accuracy"] == pytest.approx(0.4)
+    report.main(["--exp-dir", str(tmp_path)])
+    assert table_rows((tmp_path / "report.md").read_text()) == [
+        ["ADS", "0.9", "0.01", "0.01", "80.0", "80.0", "40.0", "40.0", "100", "3", "0.600 ± 0.100", "-"]]
+
+
+def test_bootstrap_resamples_seeds_so_disagreeing_seeds_widen_the_interval():
+    import numpy as np
+    n = 200
+    same = {"r": (np.ones(n), np.tile((np.arange(n) % 2).astype(float), (4, 1)))}  # every seed 50%
+    split = {"r": (np.ones(n), np.stack([np.ones(n), np.ones(n), np.zeros(n), np.zeros(n)]))}  # seeds 100% or 0%
+    spread = lambda g: np.std([d["r"][1] for d in report.bootstrap_accuracies(g, np.random.default_rng(0), 500)])
+    assert spread(split) > 5 * spread(same)
