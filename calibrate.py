@@ -140,7 +140,7 @@ def grid_lines(args, temperature, ads, eps):
         lines.append(f"{args.ads_tau:.2e} {ads[args.targets[0]][0]:.2e} {eps:.2e} permute")
     if args.reference:
         lines.append(f"{args.ads_tau:.2e} 0 0")
-    return lines
+    return list(dict.fromkeys(lines))  # two targets can land on one row; pipeline.sh must run it once
 
 
 def main(argv=None):

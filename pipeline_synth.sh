@@ -12,7 +12,8 @@
 #
 #   EXP_DIR=exp/synth bash pipeline_synth.sh                              # one H200
 #   EXP_DIR=exp/synth ROW_GPUS=0,1 bash pipeline_synth.sh                 # two GPUs, rows dealt over both
-#   ASSETS_PROFILE=synth_tiny CAL_PROBLEMS=32 SEEDS="69 70" bash pipeline_synth.sh   # the same driver on CPU
+#   ASSETS_PROFILE=synth_tiny TARGETS=0.7 DIAG_TARGETS=0.7 CAL_PROBLEMS=16 CAL_PROBES=2 SEEDS="69 70" \
+#       DIAG_SEEDS="69 70" DIAG_SAMPLES=32 BATCH=64 ADS_BATCH=64 bash pipeline_synth.sh   # the same driver on CPU
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,6 +24,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many small processes share the 
 TARGETS=${TARGETS:-"0.9 0.8"}                  # train-trace accuracies of the main rows
 DIAG_TARGETS=${DIAG_TARGETS:-"0.96 0.9"}       # and of the diagnostic's rows
 CAL_PROBLEMS=${CAL_PROBLEMS:-300}              # train problems per calibration probe
+CAL_PROBES=${CAL_PROBES:-10}                   # most probes per calibration search
 export SEEDS=${SEEDS:-"69 70 71 72 73"}        # students per main row (the same seeds, so the same inits and data order, in every row)
 DIAG_SEEDS=${DIAG_SEEDS:-"69 70 71"}
 DIAG_SAMPLES=${DIAG_SAMPLES:-2000}             # train traces per diagnostic row
@@ -40,14 +42,17 @@ export GEN_ARGS="data_dir=$ASSETS/data max_length=320 max_prompt_length=160 dtyp
 export GRAD_ARGS="batch_size=64 max_length=320 ${GRAD_ARGS:-}"
 # full fine-tuning of a student that already solves ~30%: 2 epochs of the row's 7,000 traces at a
 # modest rate; the holdout NLL (a co-primary endpoint) every epoch, so also at the end
-export TRAIN_ARGS="lora_r=0 learning_rate=3e-4 max_length=320 epochs=2 global_batch_size=64 per_device_batch_size=64 \
+export TRAIN_ARGS="lora_r=0 learning_rate=3e-4 max_length=320 epochs=2 global_batch_size=64 per_device_batch_size=16 \
 eval_every=1 dtype=float32 ${TRAIN_ARGS:-}"
 # the synth students never met the answer-forcing suffix, so the answer boxed in the trace is graded
 export REPORT_ARGS="--metric raw ${REPORT_ARGS:-}"
 read -ra GEN_EXTRA <<<"$GEN_ARGS"
 read -ra TARGET_LIST <<<"$TARGETS"
 read -ra DIAG_TARGET_LIST <<<"$DIAG_TARGETS"
-calibrate() { python calibrate.py --teacher "$TEACHER" --metric raw --problems "$CAL_PROBLEMS" "$@" -- "${GEN_EXTRA[@]}"; }
+calibrate() {
+    python calibrate.py --teacher "$TEACHER" --metric raw --problems "$CAL_PROBLEMS" --probes "$CAL_PROBES" "$@" \
+        -- "${GEN_EXTRA[@]}"
+}
 
 # 1-2. holdout traces and the warm proxy's gradient, then the cold proxy's on the same traces
 PREPARE_ONLY=1 bash pipeline.sh
