@@ -17,12 +17,21 @@ export EXP_DIR=${EXP_DIR:-exp/synth}
 ASSETS=${ASSETS:-$EXP_DIR/assets}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many small processes share the CPU cores
+# fixed NAME VALUE WHY: a variable this wrapper must set; a different value of the user's is refused, not ignored
+fixed() {
+    [[ -z ${!1:-} || ${!1} == "$2" ]] \
+        || { echo "error: $(basename "$0") sets $1=$2 ($3), got '${!1}'; unset $1 or call pipeline.sh" >&2; exit 2; }
+    export "$1=$2"
+}
+
+for model in teacher proxy student; do fixed "${model^^}" "$ASSETS/$model" "the synth assets"; done
+fixed STUDENT_TOKENIZER "$ASSETS/student" "the synth assets"
+fixed DATASET gsm8k "the synth data has the GSM8K schema"
 
 # no other stage runs during the asset build, so its tokenizers may use every core
 TOKENIZERS_PARALLELISM=true python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 
-export TEACHER=$ASSETS/teacher PROXY=$ASSETS/proxy STUDENT=$ASSETS/student STUDENT_TOKENIZER=$ASSETS/student
-export DATASET=gsm8k GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
+export GRID=${GRID:-synth} BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
 # every row at once: each process alone leaves the GPU mostly idle (small models, launch-bound steps);
 # with the 20 synth students training, one H200 had up to 125 of its 140 GiB in use
 export PARALLEL=${PARALLEL:-$(python grid.py --grid "$GRID" | wc -l)}
