@@ -34,6 +34,8 @@ from utils import (Attention, Count, Dtype, ModelPath, NonNegative, NonNegativeI
 
 
 def scheduler_problem(name):
+    if name in ("cosine", "linear", "constant"):  # common names, without the seconds of importing the trainer
+        return None
     from transformers import SchedulerType  # the names TrainingArguments accepts
     names = [t.value for t in SchedulerType]
     return None if name in names else f"must be a transformers scheduler name ({', '.join(names)})"
@@ -94,7 +96,10 @@ def check_target_modules(cfg):
     if cfg.lora_r == 0 or cfg.target_modules == "all-linear":
         return
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        die(f"cannot read the student's config from {cfg.student} ({str(e).strip().splitlines()[0]})")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     names = {name.rpartition(".")[2] for name, _ in skeleton.named_modules()}
@@ -231,7 +236,6 @@ def main(argv):
     cfg = settings(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_config(cfg, world)
-    check_target_modules(cfg)
     seed_everything(cfg.seed)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
@@ -241,6 +245,7 @@ def main(argv):
     train, dropped_train = build_examples(cfg.train_traces, tokenizer, cfg.max_length, cfg.max_samples)
     evals, dropped_eval = build_examples(cfg.eval_traces, tokenizer, cfg.max_length) if cfg.eval_traces \
         else (None, 0)
+    check_target_modules(cfg)
 
     from transformers import Trainer  # imported here: a bad config fails in a second, not ten
     model = student_model(cfg, device)

@@ -284,6 +284,8 @@ def name_problem(name):
 
 
 def attention_problem(name):
+    if name in ("sdpa", "eager"):  # the common names, without the seconds of importing transformers' models
+        return None
     from transformers import AttentionInterface  # the names transformers knows, with any registered since
     known = {"eager", *AttentionInterface._global_mapping}
     if name in known or "/" in name or name.startswith("paged|"):  # org/repo: a Hub kernel
