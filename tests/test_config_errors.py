@@ -411,3 +411,73 @@ def test_grid_in_a_real_process_is_one_line_and_exit_2():
                          cwd=ROOT, env=ENV)
     assert_one_error_line(res.returncode, res.stderr, "invalid int value: 'abc'")
     assert res.stdout == ""
+
+
+# pipeline.sh: the whole grid's settings are checked before the first launch; a worker's error under
+# the launcher is one line with exit status 2
+
+LAUNCH_TWO = "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+
+
+def run_driver(driver, inputs, tmp_path, **env):
+    bin_dir = str(Path(sys.executable).parent)  # the drivers call `python` and `accelerate`: this interpreter's
+    models = {"TEACHER": inputs / "teacher", "PROXY": inputs / "teacher", "STUDENT": inputs / "student",
+              "STUDENT_TOKENIZER": inputs / "student"} if driver == "pipeline.sh" else {}
+    env = {**ENV, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "EXP_DIR": str(tmp_path / "exp"),
+           "GRID": "tiny", "LAUNCH": LAUNCH_TWO, **{k: str(v) for k, v in {**models, **env}.items()}}
+    return subprocess.run(["bash", str(ROOT / driver)], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+
+
+def test_a_typo_in_gen_args_fails_the_pipeline_before_stage_1(inputs, tmp_path):
+    res = run_driver("pipeline.sh", inputs, tmp_path, GEN_ARGS=f"data_dir={inputs / 'data'} lamda=0.1")
+    # one line, although every gentraces.py command of the grid carries the typo
+    assert_one_error_line(res.returncode, res.stderr,
+                          "gentraces.py: unknown config key 'lamda' (did you mean 'lam'?)")
+    assert "== " not in res.stderr and not (tmp_path / "exp").exists()
+
+
+def test_every_stage_is_checked_and_each_problem_is_one_line(inputs, tmp_path):
+    res = run_driver("pipeline.sh", inputs, tmp_path, GEN_ARGS="top_p=abc", GRAD_ARGS="batch_size=0",
+                     TRAIN_ARGS="lr_scheduler=cosin", REPORT_ARGS="--metric f1")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert [line.split(":")[1] for line in res.stderr.splitlines()] == \
+        [" gentraces.py", " save_grad.py", " distill.py", " report.py"]
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_worker_error_under_the_launcher_is_one_line_and_exit_2(inputs, tmp_path):
+    """The settings pass the check, but no prompt fits max_prompt_length: both workers stop with the same
+    error, torchrun adds its traceback, and the terminal shows the stage and one error line."""
+    res = run_driver("pipeline.sh", inputs, tmp_path, GEN_ARGS=f"data_dir={inputs / 'data'} max_prompt_length=2")
+    lines = [line for line in res.stderr.splitlines() if not line.startswith("== ")]
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: no prompts left in gsm8k_holdout"), res.stderr[-3000:]
+    assert "holdout traces" in res.stderr and "Traceback" not in res.stderr
+    log = (tmp_path / "exp" / "logs" / "holdout_traces.log").read_text()
+    assert "error: no prompts left" in log and "Traceback" in log  # the launcher's report is kept in the log
+
+
+def fake_assets(inputs, tmp_path):
+    """A folder make_assets.py takes as built, holding the test's tokenizers and models."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / ".complete").write_text("")
+    for name, source in (("teacher", "teacher"), ("proxy", "teacher"), ("student", "student")):
+        (assets / name).symlink_to(inputs / source)
+    (assets / "data").symlink_to(inputs / "data")
+    return assets
+
+
+def test_the_tiny_wrapper_passes_the_users_grid_on(inputs, tmp_path):
+    res = run_driver("pipeline_tiny.sh", inputs, tmp_path, TINY_ASSETS=fake_assets(inputs, tmp_path), GRID="nope")
+    assert_one_error_line(res.returncode, res.stderr, "argument --grid: invalid choice: 'nope'")
+
+
+@pytest.mark.parametrize("driver,variable", [("pipeline_tiny.sh", "TEACHER"), ("pipeline_tiny.sh", "DATASET"),
+                                             ("pipeline_synth.sh", "STUDENT"), ("pipeline_math.sh", "DATASET"),
+                                             ("pipeline_mmlu.sh", "DATASET")])
+def test_a_wrapper_refuses_a_variable_it_must_set(driver, variable, inputs, tmp_path):
+    res = run_driver(driver, inputs, tmp_path, **{variable: "gsm8k_or_a_model_of_mine"})
+    assert_one_error_line(res.returncode, res.stderr, f"{driver} sets {variable}=")
+    assert not (tmp_path / "exp").exists()

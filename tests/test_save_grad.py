@@ -122,7 +122,7 @@ def test_missing_traces_is_a_one_line_error_and_writes_nothing(assets, tmp_path)
     out = tmp_path / "g.safetensors"
     res = run_cli(f"proxy={proxy}", f"traces={tmp_path / 'nope'}", f"out={out}")
     assert res.returncode == 2
-    assert res.stderr.strip().count("\n") == 0 and "nope" in res.stderr and "does not exist" in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "nope" in res.stderr and "no such directory" in res.stderr
     assert not out.exists()
 
 
