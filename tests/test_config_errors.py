@@ -90,6 +90,14 @@ def args_of(base, bad, inputs, tmp_path):
     return [f"{k}={'null' if v is None else v}" for k, v in args.items()]
 
 
+@pytest.mark.parametrize("yaml_name,schema", [("gen_config.yaml", gentraces.GenSettings),
+                                              ("grad_config.yaml", save_grad.GradSettings),
+                                              ("train_config.yaml", distill.TrainSettings)])
+def test_each_yaml_and_its_schema_declare_the_same_keys(yaml_name, schema):
+    import yaml
+    assert list(yaml.safe_load((ROOT / yaml_name).read_text())) == list(schema.model_fields)
+
+
 # gentraces.py
 
 def gen_base(inputs, tmp_path):
