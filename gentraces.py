@@ -33,7 +33,7 @@ class GenSettings(utils.Settings):
     """gen_config.yaml's keys with their types and ranges (the yaml holds the defaults and what each
     key means). Every user error is caught here, before a model is loaded or a file written."""
     teacher: utils.ModelPath
-    proxy: str                                  # a model path, checked only when lam != 0 (else unused)
+    proxy: str | None                           # a model path, checked only when lam != 0 (else unused)
     tokenizer: utils.ModelPath | None
     grad_path: str | None                       # an existing file, checked only when lam != 0
     dtype: utils.Dtype
@@ -93,7 +93,7 @@ class GenSettings(utils.Settings):
             out.append("tau=0 is greedy decoding on the teacher; lam must be 0 with it")
         if self.eps == 0:
             out.append("eps must be > 0 (or auto) with lam != 0, got 0")
-        problem = utils.input_problem(self.proxy, "model", context)
+        problem = utils.input_problem(self.proxy, "model", context) if self.proxy else "is required with lam != 0"
         if problem:
             out.append(utils.key_problem("proxy", problem, self.proxy))
         if not self.grad_path:

@@ -288,7 +288,7 @@ def settings(argv, pending=()):
     return utils.check_settings(ReportSettings, vars(parser.parse_args(argv)), pending)
 
 
-def main(argv) -> None:
+def main(argv=None) -> None:
     args = settings(argv)
     exp_dir = Path(args.exp_dir)
     registry = exp_dir / "metadata" / "trace_registry.jsonl"
