@@ -96,11 +96,11 @@ class GenSettings(utils.Settings):
         problem = utils.input_problem(self.proxy, "model", context) if self.proxy else "is required with lam != 0"
         if problem:
             out.append(utils.key_problem("proxy", problem, self.proxy))
+        problem = utils.input_problem(self.grad_path, "file", context) if self.grad_path else None
         if not self.grad_path:
             out.append("lam != 0 needs grad_path (the safetensors file written by save_grad.py)")
-        elif utils.input_problem(self.grad_path, "file", context):
-            out.append(utils.key_problem("grad_path", utils.input_problem(self.grad_path, "file", context),
-                                         self.grad_path))
+        elif problem:
+            out.append(utils.key_problem("grad_path", problem, self.grad_path))
         return out
 
 
