@@ -209,9 +209,9 @@ else
         ) > >(sed -u "s/^/[rows $j] /") 2>&1 &
         PIDS+=($!)
     done
-    FAILED=0
-    for pid in "${PIDS[@]}"; do wait "$pid" || FAILED=1; done
-    ((FAILED == 0)) || { echo "pipeline: a grid row, a reference or the holdout/gradient stage failed; see the [rows N], [references] and [prepare] lines above" >&2; exit 1; }
+    FAILED=0  # the exit status: 2 when every failed loop stopped on a user error, else 1
+    for pid in "${PIDS[@]}"; do wait "$pid" || { s=$?; FAILED=$(((FAILED == 0 || FAILED == 2) && s == 2 ? 2 : 1)); }; done
+    ((FAILED == 0)) || { echo "pipeline: a grid row, a reference or the holdout/gradient stage failed; see the [rows N], [references] and [prepare] lines above" >&2; exit "$FAILED"; }
 fi
 
 # report: table and trade-off plot over every row finished so far (all shards share EXP_DIR)
