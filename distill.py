@@ -13,6 +13,7 @@ import os
 import shutil
 from functools import partial
 from pathlib import Path
+from typing import Annotated, Literal
 
 # Batches vary in width, so the caching allocator fragments its cache into blocks of many sizes;
 # expandable segments let it grow and reuse one mapping instead. That matters when several students
@@ -24,37 +25,89 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
-from utils import (atomic_publish_dir, atomic_write_text, die, load_config, load_model, load_tokenizer,
-                   load_traces, log, require_positive, run_cli, seed_everything, to_yaml, tokenize_traces,
-                   torch_dtype)
+from pydantic import Field  # noqa: E402
+
+from utils import (Attention, Count, Dtype, ModelPath, NonNegative, NonNegativeInt, OutputDir, Positive,  # noqa: E402
+                   Seed, Settings, TracesPath, atomic_publish_dir, atomic_write_text, checked, die, load_config,
+                   load_model, load_tokenizer, load_traces, log, run_cli, seed_everything, to_yaml,
+                   tokenize_traces, torch_dtype)
+
+
+def scheduler_problem(name):
+    if name in ("cosine", "linear", "constant"):  # common names, without the seconds of importing the trainer
+        return None
+    from transformers import SchedulerType  # the names TrainingArguments accepts
+    names = [t.value for t in SchedulerType]
+    return None if name in names else f"must be a transformers scheduler name ({', '.join(names)})"
+
+
+class TrainSettings(Settings):
+    """train_config.yaml's keys with their types and ranges (the yaml holds the defaults). Unchecked, a
+    negative lora_r failed after the model load, learning_rate <= 0, lora_alpha=0 or epochs=0 published
+    an untrained or anti-trained student as final/, and a scheduler name transformers does not know
+    failed after the model load."""
+    student: ModelPath
+    student_tokenizer: ModelPath | None
+    dtype: Dtype
+    attn_implementation: Attention
+    trust_remote_code: bool
+    train_traces: TracesPath
+    eval_traces: TracesPath | None
+    max_length: Count
+    max_samples: Count | None
+    lora_r: NonNegativeInt                  # 0 = full fine-tuning
+    lora_alpha: Positive
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)]
+    target_modules: Annotated[list[str], Field(min_length=1)] | Literal["all-linear"]
+    learning_rate: Positive
+    weight_decay: NonNegative
+    max_grad_norm: NonNegative              # 0 = no clipping
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)]
+    lr_scheduler: Annotated[str, checked(lambda v, ctx: scheduler_problem(v))]
+    global_batch_size: Count
+    per_device_batch_size: Count
+    epochs: Positive
+    max_steps: Count | None
+    gradient_checkpointing: bool
+    seed: Seed
+    eval_every: Positive                    # in epochs
+    output_dir: OutputDir
+
+
+def settings(argv, pending=()):
+    """The run's config: train_config.yaml + `key=value` overrides, checked against TrainSettings."""
+    return load_config("train_config.yaml", argv, TrainSettings, pending)
 
 
 def check_config(cfg, world):
-    """Refuse bad values before a model is loaded or a file written (unchecked, a negative lora_r fails
-    after the model load; learning_rate <= 0, lora_alpha=0 or epochs=0 publish an untrained or
-    anti-trained student as final/; and a global batch the processes cannot split would have to become
-    another one, changing the experiment with the GPU count)."""
-    for key in ("train_traces", "output_dir"):
-        if not getattr(cfg, key):
-            die(f"{key} is required (e.g. {key}=exp/...)")
-    if isinstance(cfg.lora_r, bool) or not isinstance(cfg.lora_r, int) or cfg.lora_r < 0:
-        die(f"lora_r must be a positive integer, or 0 for full fine-tuning, got {cfg.lora_r!r}")
-    for key in ("max_length", "global_batch_size", "per_device_batch_size"):
-        require_positive(cfg, key, integer=True)
-    for key in ("lora_alpha", "learning_rate", "epochs"):
-        require_positive(cfg, key)
-    if cfg.max_steps is not None:
-        require_positive(cfg, "max_steps", integer=True)
-    if not 0 <= cfg.warmup_ratio < 1:
-        die(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.eval_every <= 0:
-        die(f"eval_every must be a positive fraction of an epoch, got {cfg.eval_every}")
+    """What settings() cannot know alone: a global batch the processes cannot split would have to
+    become another one, changing the experiment with the GPU count."""
     per_pass = cfg.per_device_batch_size * world  # sequences per forward pass over all processes
     if cfg.global_batch_size % per_pass:
         rounded_up = -(-cfg.global_batch_size // per_pass) * per_pass
         die(f"global_batch_size={cfg.global_batch_size} is not a multiple of per_device_batch_size="
             f"{cfg.per_device_batch_size} x {world} processes = {per_pass}; set e.g. "
             f"global_batch_size={rounded_up} or a smaller per_device_batch_size")
+
+
+def check_target_modules(cfg):
+    """LoRA targets the student lacks, found from its config on the meta device (no weights read)
+    rather than by peft after the model load."""
+    if cfg.lora_r == 0 or cfg.target_modules == "all-linear":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        die(f"cannot read the student's config from {cfg.student} ({str(e).strip().splitlines()[0]})")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    names = {name.rpartition(".")[2] for name, _ in skeleton.named_modules()}
+    missing = [t for t in cfg.target_modules if t.rpartition(".")[2] not in names]
+    if missing:
+        linear = sorted({n.rpartition(".")[2] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
+        die(f"target_modules {', '.join(missing)} not in the student {cfg.student} (its linear layers: "
+            f"{', '.join(linear)})")
 
 
 def build_examples(path, tokenizer, max_length, max_samples=None):
@@ -92,7 +145,7 @@ def student_model(cfg, device):
     if cfg.lora_r == 0:  # full fine-tuning
         return model
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
@@ -180,7 +233,7 @@ def summary(cfg, trainer, result, resumed_from, counts):
 
 
 def main(argv):
-    cfg = load_config("train_config.yaml", argv)
+    cfg = settings(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_config(cfg, world)
     seed_everything(cfg.seed)
@@ -192,6 +245,7 @@ def main(argv):
     train, dropped_train = build_examples(cfg.train_traces, tokenizer, cfg.max_length, cfg.max_samples)
     evals, dropped_eval = build_examples(cfg.eval_traces, tokenizer, cfg.max_length) if cfg.eval_traces \
         else (None, 0)
+    check_target_modules(cfg)
 
     from transformers import Trainer  # imported here: a bad config fails in a second, not ten
     model = student_model(cfg, device)

@@ -14,49 +14,101 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 import sampling
 import utils
 from utils import die
 
 
-def validate(cfg):
-    """Every user error is caught here, before a model is loaded or a file written."""
-    if not cfg.trace_name:
-        die("trace_name is required (e.g. trace_name=holdout)")
-    utils.parse_split(cfg.data_split)
-    if cfg.tau is None or cfg.tau < 0:
-        die(f"tau must be >= 0 (0 = greedy), got {cfg.tau}")
-    if cfg.lam and cfg.eps != "auto" and (not isinstance(cfg.eps, (int, float)) or cfg.eps <= 0):
-        die(f"eps must be > 0 or auto with lam > 0, got {cfg.eps}")
-    if cfg.proxy_dtype not in (None, "bfloat16", "float16", "float32"):
-        die(f"proxy_dtype must be null, bfloat16, float16 or float32, got {cfg.proxy_dtype!r}")
-    if isinstance(cfg.fd_check, bool) or not isinstance(cfg.fd_check, int) or cfg.fd_check < 0:
-        die(f"fd_check must be an integer >= 0 (0 = off), got {cfg.fd_check!r}")
-    if cfg.eps == "auto" and cfg.lam and not cfg.fd_check:
-        die("eps=auto picks eps by the FD check; it needs fd_check > 0")
-    if cfg.top_p is None or not 0 < cfg.top_p <= 1:
-        die(f"top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.top_k is None or cfg.top_k < 0:
-        die(f"top_k must be >= 0 (0 = off), got {cfg.top_k}")
-    if cfg.max_prompt_length >= cfg.max_length:
-        die(f"max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length})")
-    if cfg.batch_size < 1:
-        die(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.ads_mode not in ("fd", "jvp"):
-        die(f"ads_mode must be fd or jvp, got {cfg.ads_mode!r}")
-    if cfg.engine not in ("auto", "eager", "reference"):
-        die(f"engine must be auto, eager or reference, got {cfg.engine!r}")
-    if cfg.ads_control not in ("none", "permute"):
-        die(f"ads_control must be none or permute, got {cfg.ads_control!r}")
-    if cfg.ads_control != "none" and not cfg.lam:
-        die(f"ads_control={cfg.ads_control} permutes the ADS penalty; it needs lam > 0")
-    if cfg.lam and cfg.tau == 0:
-        die("tau=0 is greedy decoding on the teacher; lam must be 0 with it")
-    if cfg.lam and not cfg.grad_path:
-        die("lam > 0 needs grad_path (the safetensors file written by save_grad.py)")
+# the columns gentraces.py writes itself; trace_colname may not take one of their names
+OWN_COLUMNS = ("idx", "question", "gold", "system", "prompt", "completion", "has_marker", "n_tokens", "finished",
+               "forced", "raw_pred", "af_pred", "raw_correct", "af_correct")
+
+
+class GenSettings(utils.Settings):
+    """gen_config.yaml's keys with their types and ranges (the yaml holds the defaults and what each
+    key means). Every user error is caught here, before a model is loaded or a file written."""
+    teacher: utils.ModelPath
+    proxy: str | None                           # a model path, checked only when lam != 0 (else unused)
+    tokenizer: utils.ModelPath | None
+    grad_path: str | None                       # an existing file, checked only when lam != 0
+    dtype: utils.Dtype
+    proxy_dtype: utils.Dtype | None
+    attn_implementation: utils.Attention
+    trust_remote_code: bool
+    data_split: Literal[tuple(utils.VALID_SPLITS)]
+    data_dir: utils.InputDir | None
+    max_samples: utils.Count | None
+    system_prompt: str | None
+    seed: utils.Seed
+    batch_size: utils.Count
+    max_length: utils.Count
+    max_prompt_length: utils.Count
+    tau: utils.NonNegative
+    lam: float                                  # < 0 tilts toward the proxy (pro-distillation): allowed, with a notice
+    eps: utils.NonNegative | Literal["auto"]    # > 0 or auto when lam != 0
+    fd_check: utils.NonNegativeInt
+    fd_check_traces: utils.TracesPath | None
+    top_p: Annotated[float, Field(gt=0, le=1)]
+    top_k: utils.NonNegativeInt
+    repetition_penalty: utils.Positive
+    ads_mode: Literal["fd", "jvp"]
+    ads_control: Literal["none", "permute"]
+    answer_force: bool
+    answer_force_tokens: utils.Count
+    engine: Literal["auto", "eager", "reference"]
+    exp_dir: utils.OutputDir
+    trace_name: utils.Name
+    trace_colname: utils.Name
+
+    def problems(self, context):
+        out = []
+        if self.max_prompt_length >= self.max_length:
+            out.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        if self.trace_colname in OWN_COLUMNS:
+            out.append(f"trace_colname={self.trace_colname} would overwrite a column of the traces "
+                       f"({', '.join(OWN_COLUMNS)})")
+        for sub in ("traces", "metadata"):
+            problem = utils.output_dir_problem(Path(self.exp_dir) / sub)
+            if problem:
+                out.append(utils.key_problem("exp_dir", problem, self.exp_dir))
+        if self.data_dir and Path(self.data_dir).is_dir():
+            missing = [str(p) for p in utils.local_source_files(self.data_split, self.data_dir) if not p.is_file()]
+            if missing:
+                out.append(f"data_split={self.data_split} reads {missing[0]}, which does not exist")
+        if self.ads_control != "none" and not self.lam:
+            out.append(f"ads_control={self.ads_control} permutes the ADS penalty; it needs lam != 0")
+        if self.lam:
+            out += self.ads_problems(context)
+        return out
+
+    def ads_problems(self, context):
+        """With lam != 0 the proxy and the gradient are used, and the score divides by tau and eps."""
+        out = []
+        if self.tau == 0:
+            out.append("tau=0 is greedy decoding on the teacher; lam must be 0 with it")
+        if self.eps == 0:
+            out.append("eps must be > 0 (or auto) with lam != 0, got 0")
+        if self.eps == "auto" and not self.fd_check:
+            out.append("eps=auto picks eps by the FD check; it needs fd_check > 0")
+        problem = utils.input_problem(self.proxy, "model", context) if self.proxy else "is required with lam != 0"
+        if problem:
+            out.append(utils.key_problem("proxy", problem, self.proxy))
+        problem = utils.input_problem(self.grad_path, "file", context) if self.grad_path else None
+        if not self.grad_path:
+            out.append("lam != 0 needs grad_path (the safetensors file written by save_grad.py)")
+        elif problem:
+            out.append(utils.key_problem("grad_path", problem, self.grad_path))
+        return out
+
+
+def settings(argv, pending=()):
+    """The run's config: gen_config.yaml + `key=value` overrides, checked against GenSettings."""
+    return utils.load_config("gen_config.yaml", argv, GenSettings, pending)
 
 
 FD_REGISTRY_KEYS = ("fd_cosine_median", "fd_rel_error_median", "proxy_dtype", "frac_weights_changed_plus")
@@ -327,10 +379,12 @@ def save_outputs(cfg, rows, stats, diagnostics):
 
 
 def main(argv):
-    cfg = utils.load_config("gen_config.yaml", argv)
-    validate(cfg)
+    cfg = settings(argv)
     from accelerate import PartialState
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
+    if cfg.lam < 0:
+        utils.log(f"notice: lam={cfg.lam} < 0 tilts sampling toward tokens that lower the proxy's loss: "
+                  "traces easier to distill, the opposite of ADS", state.is_main_process)
     utils.seed_everything(cfg.seed)
     params = sampling_params(cfg)
     tokenizer = utils.load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code,

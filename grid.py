@@ -96,8 +96,16 @@ def shard_rows(rows: list, shard: int, num_shards: int) -> list:
     return [row for i, row in enumerate(rows) if i % num_shards == shard]
 
 
+class Parser(argparse.ArgumentParser):
+    """Errors are one 'error: ...' line and exit status 2, as in the stage scripts (which take theirs
+    from utils; grid.py imports no torch, so the drivers get the rows at once)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="paper",
                         help=f"which sweep to print: one of {', '.join(sorted(GRIDS))}, or a file of rows (default: paper)")
     parser.add_argument("--shard", type=int, default=0,

@@ -47,21 +47,42 @@ ROWS=()
 
 TRACES=$EXP_DIR/traces
 GRADS=$EXP_DIR/student_grads.safetensors
-mkdir -p "$TRACES" "$MODELS" "$EXP_DIR/logs"
+REPORT=(report.py --exp-dir "$EXP_DIR" "${REPORT_EXTRA[@]}")
 
 # a free rendezvous port per launch, so pipelines and parallel rows can share a machine; a python
-# interpreter as the launcher (python, python3 -u, /path/to/python) starts one process, which needs none
+# interpreter as the launcher (python, python3 -u, /path/to/python) starts one process, which needs none.
+# When a worker fails, the launcher (torchrun) adds a ~40-line traceback of its own: the stage's whole
+# output goes to its log under logs/, the terminal gets it up to the first traceback or the first
+# 'error:' line (shown once, however many workers print it), and a worker's user error (an 'error:'
+# line) fails the pipeline with exit status 2, as in a plain process. In the check (CHECKING set), the
+# command is only written down
 launch() {
-    local port
+    local port status=(0 0 0)
+    if [[ -n ${CHECKING:-} ]]; then
+        printf '%q ' "$@"
+        echo
+        return
+    fi
     if [[ ${LAUNCHER[0]##*/} == python* ]]; then
         "${LAUNCHER[@]}" "$@"
         return
     fi
     port=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
-    "${LAUNCHER[@]}" --main_process_port "$port" "$@"
+    "${LAUNCHER[@]}" --main_process_port "$port" "$@" 2>&1 | tee -a "$STAGE_LOG" | awk '
+        /^error: / { if (!quiet) print; quiet = 1; user_error = 1 }
+        /^Traceback \(most recent call last\)/ { quiet = 1 }
+        !quiet { print; fflush() }
+        END { exit user_error ? 3 : 0 }' >&2 || status=("${PIPESTATUS[@]}")
+    ((status[0] == 0)) && return
+    ((status[2] == 3)) && return 2
+    echo "pipeline: $1 failed (exit status ${status[0]}); its whole output is in $STAGE_LOG" >&2
+    return 1
 }
 gentraces() { launch gentraces.py exp_dir="$EXP_DIR" "${GEN_EXTRA[@]}" "$@"; }
-stage() { echo "== $(date +%H:%M:%S) $*" >&2; }
+stage() {
+    STAGE_LOG=$EXP_DIR/logs/${*//[^A-Za-z0-9._+-]/_}.log
+    [[ -n ${CHECKING:-} ]] || echo "== $(date +%H:%M:%S) $*" >&2
+}
 
 # 1-2. holdout traces (the teacher, greedy, on the holdout split), then the proxy gradient g of the
 # proxy's completion loss on them. ADS rows need g; every distill evaluates on the holdout traces
@@ -83,6 +104,7 @@ prepare() {
 # PREP_STATUS, a name of this run's own) without making it; run serially, prepare() has already ended
 PREP_STATUS=$EXP_DIR/logs/.prepare.$$.status
 await() {
+    [[ -z ${CHECKING:-} ]] || return 0
     while [[ ! -e $1 ]]; do
         if ((PARALLEL == 1)) || [[ -s $PREP_STATUS && ! -e $1 ]]; then
             echo "pipeline: $1 was not made: the holdout or gradient stage failed (see the [prepare] lines)" >&2
@@ -174,6 +196,24 @@ row_loop() {
         run_row "${fields[@]}"
     done
 }
+# every stage's settings, for every row of this shard, checked in one plain process before the first
+# launch, so a typo in GEN_ARGS fails in seconds rather than after stage 2: a dry run of the stages
+# writes down each command it would launch (stages whose output exists are skipped, as in the run),
+# and utils.check_commands checks them all; inputs under EXP_DIR may not exist yet (stages make them)
+(
+    CHECKING=1 PARALLEL=1
+    prepare
+    if ((PREPARE_ONLY == 0)); then
+        row_loop 0
+        if ((SKIP_EVALS == 0)); then
+            run_references
+            printf '%q ' "${REPORT[@]}"
+            echo
+        fi
+    fi
+) | python -c 'import utils; utils.run_cli(utils.check_commands)' "$EXP_DIR"
+mkdir -p "$TRACES" "$MODELS" "$EXP_DIR/logs"
+
 if ((PREPARE_ONLY)); then
     prepare
     exit 0
@@ -204,13 +244,13 @@ else
         ) > >(sed -u "s/^/[rows $j] /") 2>&1 &
         PIDS+=($!)
     done
-    FAILED=0
-    for pid in "${PIDS[@]}"; do wait "$pid" || FAILED=1; done
-    ((FAILED == 0)) || { echo "pipeline: a grid row, a reference or the holdout/gradient stage failed; see the [rows N], [references] and [prepare] lines above" >&2; exit 1; }
+    FAILED=0  # the exit status: 2 when every failed loop stopped on a user error, else 1
+    for pid in "${PIDS[@]}"; do wait "$pid" || { s=$?; FAILED=$(((FAILED == 0 || FAILED == 2) && s == 2 ? 2 : 1)); }; done
+    ((FAILED == 0)) || { echo "pipeline: a grid row, a reference or the holdout/gradient stage failed; see the [rows N], [references] and [prepare] lines above" >&2; exit "$FAILED"; }
 fi
 
 ((SKIP_EVALS == 0)) || exit 0
 # report: table and trade-off plot over every row finished so far (all shards share EXP_DIR)
 stage "report"
-python report.py --exp-dir "$EXP_DIR" "${REPORT_EXTRA[@]}"
+python "${REPORT[@]}"
 echo "done: $EXP_DIR/report.md $EXP_DIR/tradeoff.png" >&2

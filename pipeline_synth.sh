@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A small-scale reproduction on one GPU (synth v3; protocol in results/synth/PROTOCOL.md): do ADS
+# A small-scale reproduction on one GPU (synth v3; protocol in results/synth_v3/PROTOCOL.md): do ADS
 # students learn less than temperature students from traces of the same accuracy? make_assets.py
 # --profile synth trains a 25M Qwen2 teacher on synthetic word problems whose traces may carry a step
 # written wrong and redone, check lines and filler lines; a proxy (Qwen2) and a student (Llama) of its
@@ -29,12 +29,25 @@ export SEEDS=${SEEDS:-"69 70 71 72 73"}        # students per main row (the same
 DIAG_SEEDS=${DIAG_SEEDS:-"69 70 71"}
 DIAG_SAMPLES=${DIAG_SAMPLES:-2000}             # train traces per diagnostic row
 
+# fixed NAME VALUE WHY: a variable this wrapper must set; a different value of the user's is refused, not ignored
+fixed() {
+    [[ -z ${!1:-} || ${!1} == "$2" ]] \
+        || { echo "error: $(basename "$0") sets $1=$2 ($3), got '${!1}'; unset $1 or call pipeline.sh" >&2; exit 2; }
+    export "$1=$2"
+}
+
+for model in teacher proxy student; do fixed "${model^^}" "$ASSETS/$model" "the synth assets"; done
+fixed STUDENT_TOKENIZER "$ASSETS/student" "the synth assets"
+fixed DATASET gsm8k "the synth data has the GSM8K schema"
+[[ -z ${GRID:-} ]] || { echo "error: $(basename "$0") calibrates its own grid (EXP_DIR/grid.txt), got GRID='$GRID'; unset GRID or call pipeline.sh" >&2; exit 2; }
+
 # assets: no other stage runs during the build, so its tokenizers may use every core
 TOKENIZERS_PARALLELISM=true python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 
-export TEACHER=$ASSETS/teacher PROXY=$ASSETS/proxy STUDENT=$ASSETS/student STUDENT_TOKENIZER=$ASSETS/student
-export DATASET=gsm8k BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
-# one plain process per stage: the models are small, so rows run side by side instead of across GPUs
+export BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
+# one plain process per stage: the models are small, so rows run side by side instead of across GPUs;
+# accelerate's launcher would add its own interpreter and torch import to every stage start
+# (3.9-6.2 s a launch of an empty script on 2 idle cores; more with 20 rows sharing the CPU)
 export LAUNCH=${LAUNCH:-python}
 # prompts are <= 120 tokens and clean traces <= 130; fp32 keeps eps * g exact in the perturbed proxies;
 # engine=eager: CUDA graphs without torch.compile, which would cost each process more than it saves
@@ -77,7 +90,7 @@ PIDS=()
 for pid in "${PIDS[@]}"; do wait "$pid"; done
 
 # 3-6. the main rows, every row at once, each row's students side by side
-GRID=$EXP_DIR/grid.txt PARALLEL=$(wc -l <"$EXP_DIR/grid.txt") bash pipeline.sh
+GRID=$EXP_DIR/grid.txt PARALLEL=${PARALLEL:-$(wc -l <"$EXP_DIR/grid.txt")} bash pipeline.sh
 
 # the diagnostic, after the main rows (their students fill the GPU): holdout NLL only, no test evals;
 # the warm proxy's rows (temperature and ADS) and the cold proxy's ADS rows, each distilled into the
@@ -95,4 +108,4 @@ PIDS=($!)
 (diagnostic proxy_cold "$DIAG/grid_cold.txt" "$DIAG/cold") > >(sed -u "s/^/[diag cold] /") 2>&1 &
 PIDS+=($!)
 for pid in "${PIDS[@]}"; do wait "$pid"; done
-echo "pipeline_synth: done; the protocol's analysis: python results/synth/analysis/analyze.py --exp-dir $EXP_DIR" >&2
+echo "pipeline_synth: done; the protocol's analysis: python results/synth_v3/analyze.py --exp-dir $EXP_DIR" >&2

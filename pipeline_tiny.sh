@@ -10,11 +10,20 @@ export EXP_DIR=${EXP_DIR:-exp/tiny}
 TINY=${TINY_ASSETS:-$EXP_DIR/assets}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # two processes on two cores
+# fixed NAME VALUE WHY: a variable this wrapper must set; a different value of the user's is refused, not ignored
+fixed() {
+    [[ -z ${!1:-} || ${!1} == "$2" ]] \
+        || { echo "error: $(basename "$0") sets $1=$2 ($3), got '${!1}'; unset $1 or call pipeline.sh" >&2; exit 2; }
+    export "$1=$2"
+}
+
+for model in teacher proxy student; do fixed "${model^^}" "$TINY/$model" "the tiny assets"; done
+fixed STUDENT_TOKENIZER "$TINY/student" "the tiny assets"
+fixed DATASET gsm8k "the tiny data has the GSM8K schema"
 
 python make_assets.py --out "$TINY"
 
-export TEACHER=$TINY/teacher PROXY=$TINY/proxy STUDENT=$TINY/student STUDENT_TOKENIZER=$TINY/student
-export DATASET=gsm8k GRID=tiny BATCH=64 ADS_BATCH=64
+export GRID=${GRID:-tiny} BATCH=${BATCH:-64} ADS_BATCH=${ADS_BATCH:-64}
 # accelerate starts several CPU processes only through torchrun (--multi_gpu); they talk over gloo
 export LAUNCH=${LAUNCH:-"accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"}
 # prompts are <= 75 teacher tokens and <= 170 student tokens; traces are ~30 tokens

@@ -14,14 +14,17 @@ answer-forced accuracy (the paper's), or with --metric raw the answer boxed in t
     python report.py --exp-dir exp/gsm8k
     python report.py --exp-dir exp/synth --metric raw
 """
-import argparse
 import json
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 import numpy as np
+
+import utils
+from utils import die
 
 matplotlib.use("Agg")  # no display on the nodes; must precede pyplot
 import matplotlib.pyplot as plt
@@ -41,9 +44,10 @@ BOOTSTRAP_SEED = 0
 
 
 def load_registry(path: Path) -> dict[str, dict]:
-    """Registry entries by name; a name appended again (a rerun) replaces the earlier entry."""
+    """Registry entries by name; a name appended again (a rerun) replaces the earlier entry. A line
+    that is not an entry as gentraces.py writes it is one error line naming it."""
     if not path.is_file():
-        raise SystemExit(f"report.py: registry not found: {path}")
+        die(f"registry not found: {path} (gentraces.py appends a line to it for every finished trace)")
     entries = {}
     with open(path) as f:
         for lineno, line in enumerate(f, start=1):
@@ -53,8 +57,12 @@ def load_registry(path: Path) -> dict[str, dict]:
                 entry = json.loads(line)
                 entries[entry["name"]] = entry
             except (json.JSONDecodeError, TypeError, KeyError) as e:
-                raise SystemExit(f"report.py: {path}:{lineno}: malformed registry line "
-                                 f"({type(e).__name__}: {e})")
+                die(f"{path}:{lineno}: malformed registry line ({type(e).__name__}: {e})")
+            for key in ("raw_accuracy", "af_accuracy"):
+                value = entry.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not 0 <= value <= 1):
+                    die(f"{path}:{lineno}: {key} must be a number in [0, 1] or null, got {value!r}")
     return entries
 
 
@@ -165,15 +173,18 @@ def series_points(rows: list[dict], series: str, teacher_acc, student_acc) -> li
 
 def per_problem_grades(exp_dir: Path, rows: list[dict], metric: str = "af"):
     """{row name: (teacher grades (P,), student grades (seeds, P))} as 0/1 arrays over the test problems
-    that every eval of every complete row graded, in idx order; None when a parquet file is missing."""
+    that every eval of every complete row graded, in idx order; None without a complete row."""
     import pyarrow.parquet as pq
     column = METRICS[metric][1]
 
     def grades_of(name):
         path = exp_dir / "traces" / f"{name}.parquet"
         if not path.is_file():
-            return None
-        table = pq.read_table(path, columns=["idx", column]).to_pydict()
+            die(f"{path} is missing: its per-problem grades give the gap's bootstrap interval")
+        try:
+            table = pq.read_table(path, columns=["idx", column]).to_pydict()
+        except (OSError, ValueError, KeyError) as e:  # pyarrow's errors for a bad file or a missing column
+            die(f"cannot read the columns idx, {column} of {path} ({str(e).splitlines()[0]})")
         return dict(zip(table["idx"], table[column]))
 
     graded = {}
@@ -183,8 +194,6 @@ def per_problem_grades(exp_dir: Path, rows: list[dict], metric: str = "af"):
         teacher = grades_of(f"eval_teacher_{r['name']}")
         students = [grades_of(f"eval_student_{r['name']}" + ("" if seed is None else f"_seed{seed}"))
                     for seed in sorted(r["students"], key=lambda s: -1 if s is None else s)]
-        if teacher is None or any(g is None for g in students):
-            return None
         graded[r["name"]] = (teacher, students)
     if not graded:
         return None
@@ -217,9 +226,11 @@ def gap_summary(rows: list[dict], exp_dir: Path, metric: str = "af") -> list[dic
     teacher_acc = {r["name"]: accuracy(r["teacher"], key) for r in done}
     student_acc = {r["name"]: accuracy(r["student"], key) for r in done}
     pairs = [("ADS", "temperature"), (PERMUTED, "temperature"), ("ADS", PERMUTED)]
-    graded = per_problem_grades(exp_dir, done, metric)
-    draws = [] if graded is None else list(bootstrap_accuracies(graded, np.random.default_rng(BOOTSTRAP_SEED)))
     out = []
+    has_gap = any(curve_gap(series_points(done, a, teacher_acc, student_acc),
+                            series_points(done, b, teacher_acc, student_acc)) is not None for a, b in pairs)
+    graded = per_problem_grades(exp_dir, done, metric) if has_gap else None  # the gaps' intervals need them
+    draws = [] if graded is None else list(bootstrap_accuracies(graded, np.random.default_rng(BOOTSTRAP_SEED)))
     for a, b in pairs:
         gap = curve_gap(series_points(done, a, teacher_acc, student_acc),
                         series_points(done, b, teacher_acc, student_acc))
@@ -319,19 +330,41 @@ def plot_tradeoff(rows: list[dict], entries: dict[str, dict], path: Path, gaps: 
     os.replace(tmp, path)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exp-dir", type=Path, required=True, help="experiment directory holding metadata/")
-    parser.add_argument("--metric", default="af", choices=sorted(METRICS),
+class ReportSettings(utils.Settings):
+    """report.py's flags with their types: the registry is read from exp_dir, the report written there."""
+    exp_dir: utils.InputDir
+    metric: Literal[tuple(METRICS)]
+
+    def problems(self, context):
+        out = []
+        for name in ("report.md", "tradeoff.png"):
+            problem = utils.output_file_problem(Path(self.exp_dir) / name)
+            if problem:
+                out.append(f"{Path(self.exp_dir) / name} {problem}")
+        return out
+
+
+def settings(argv, pending=()):
+    parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--exp-dir", required=True, help="experiment directory holding metadata/")
+    parser.add_argument("--metric", default="af",
                         help="accuracy of the gap and the plot: af (answer-forced, the paper's; default) or raw")
-    args = parser.parse_args(argv)
-    entries = load_registry(args.exp_dir / "metadata" / "trace_registry.jsonl")
+    return utils.check_settings(ReportSettings, vars(parser.parse_args(argv)), pending)
+
+
+def main(argv=None) -> None:
+    args = settings(argv)
+    exp_dir = Path(args.exp_dir)
+    registry = exp_dir / "metadata" / "trace_registry.jsonl"
+    entries = load_registry(registry)
     rows = collect_rows(entries)
-    gaps = gap_summary(rows, args.exp_dir, args.metric)
-    plot_tradeoff(rows, entries, args.exp_dir / "tradeoff.png", gaps, args.metric)
-    write_table(rows, entries, args.exp_dir / "report.md", gaps, args.metric)
-    print(f"report.py: {len(rows)} grid rows -> {args.exp_dir}/report.md, {args.exp_dir}/tradeoff.png")
+    if not rows:
+        die(f"{registry} has no grid-row evals (eval_teacher_/eval_student_tau.._lam.._eps..): nothing to report")
+    gaps = gap_summary(rows, exp_dir, args.metric)
+    plot_tradeoff(rows, entries, exp_dir / "tradeoff.png", gaps, args.metric)
+    write_table(rows, entries, exp_dir / "report.md", gaps, args.metric)
+    print(f"report.py: {len(rows)} grid rows -> {exp_dir}/report.md, {exp_dir}/tradeoff.png")
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_cli(main)

@@ -20,27 +20,26 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from utils import (die, load_config, load_model, load_tokenizer, load_traces, log, require_positive, run_cli,
-                   same_tokenizer, tokenize_traces)
+from utils import (Attention, Count, ModelPath, OutputFile, Settings, TracesPath, die, load_config, load_model,
+                   load_tokenizer, load_traces, log, run_cli, same_tokenizer, tokenize_traces)
 
 
-def check_config(cfg):
-    """Refuse bad values before a model is loaded or a file written (unchecked, batch_size=0 fails
-    after the model load, a negative batch_size saves g = 0, max_length < 0 cuts every sequence from
-    the end, and an unwritable out fails after the whole backward pass)."""
-    for key in ("proxy", "traces", "out"):
-        if not getattr(cfg, key):
-            die(f"{key} is required")
-    for key in ("batch_size", "max_length"):
-        require_positive(cfg, key, integer=True)
-    out = Path(cfg.out)
-    if out.is_dir():
-        die(f"out={out} is a directory; give the path of the .safetensors file to write")
-    existing = out.parent
-    while not existing.exists():  # the nearest ancestor that exists decides whether out can be made
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        die(f"cannot write out={out}: {existing} is not a writable directory")
+class GradSettings(Settings):
+    """grad_config.yaml's keys with their types and ranges (the yaml holds the defaults). Unchecked, a
+    batch_size of 0 failed after the model load, a negative one saved g = 0, max_length < 0 cut every
+    sequence from the end, and an unwritable out failed after the whole backward pass."""
+    proxy: ModelPath
+    traces: TracesPath
+    out: OutputFile
+    batch_size: Count
+    max_length: Count
+    trust_remote_code: bool
+    attn_implementation: Attention
+
+
+def settings(argv, pending=()):
+    """The run's config: grad_config.yaml + `key=value` overrides, checked against GradSettings."""
+    return load_config("grad_config.yaml", argv, GradSettings, pending)
 
 
 def check_traces_tokenizer(cfg, tokenizer):
@@ -135,8 +134,7 @@ def save_gradient(model, stats, cfg, n_sequences, n_dropped, world):
 
 
 def main(argv):
-    cfg = load_config("grad_config.yaml", argv)
-    check_config(cfg)
+    cfg = settings(argv)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
     main_process, world = state.is_main_process, state.num_processes
     ds = load_traces(cfg.traces)

@@ -4,6 +4,7 @@ grading, the trace registry, atomic outputs, seeding and model loading.
 Nothing here knows about ADS itself (that is sampling.py) and nothing here branches on a model
 name: chat formats come from each tokenizer's own template.
 """
+import argparse
 import difflib
 import fcntl
 import json
@@ -13,12 +14,16 @@ import re
 import shutil
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 REPO = Path(__file__).resolve().parent
 AF_SUFFIX = "\n\n**Final Answer**\n\\[\\boxed{"  # answer forcing, appended after the trace
@@ -27,12 +32,13 @@ SPLIT_SEED = 42  # the holdout/train split is part of the experiment's definitio
 
 
 class ConfigError(SystemExit):
-    """A user error: printed as one line, exit status 2, no traceback."""
+    """User errors: each printed as one 'error: ...' line, exit status 2, no traceback."""
 
     def __init__(self, msg):
-        super().__init__(f"error: {msg}")
+        self.messages = list(msg) if isinstance(msg, (list, tuple)) else [msg]
+        super().__init__("\n".join(f"error: {m}" for m in self.messages))
         self.code = 2
-        self.msg = msg
+        self.msg = "\n".join(self.messages)
 
 
 def die(msg):
@@ -42,12 +48,13 @@ def die(msg):
 # config
 
 def run_cli(main):
-    """Run a script's main(argv): a user error is one 'error: ...' line and exit status 2, Ctrl-C a
-    one-line notice (everything finished is on disk)."""
+    """Run a script's main(argv): a user error is one 'error: ...' line per problem and exit status 2,
+    Ctrl-C a one-line notice (everything finished is on disk)."""
     try:
         main(sys.argv[1:])
     except ConfigError as e:
-        print(f"error: {e.msg}", file=sys.stderr, flush=True)
+        for msg in e.messages:
+            print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
@@ -57,35 +64,282 @@ def run_cli(main):
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def parse_value(text):
+    """A command-line value as YAML reads it ('0.5' -> 0.5, 'null' -> None, '[a, b]' -> a list)."""
+    parsed = yaml.safe_load(text) if text != "" else None
+    if isinstance(parsed, str) and _FLOAT.fullmatch(parsed):
+        parsed = float(parsed)  # YAML 1.1 reads 5e-4 (no dot) as a string
+    return parsed
+
+
 def parse_overrides(args):
+    """`key=value` arguments -> {key: value text}; a later key wins (wrappers put the user's last)."""
     out = {}
     for arg in args:
         key, sep, value = arg.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             die(f"expected key=value, got {arg!r}")
-        parsed = yaml.safe_load(value) if value != "" else None
-        if isinstance(parsed, str) and _FLOAT.fullmatch(parsed):
-            parsed = float(parsed)  # YAML 1.1 reads 5e-4 (no dot) as a string
-        out[key.strip()] = parsed
+        out[key.strip()] = value
     return out
 
 
 SYNONYMS = {"temperature": "tau", "lambda": "lam", "epsilon": "eps"}  # the paper's words for our keys
 
 
-def load_config(yaml_name, args):
-    """yaml defaults + `key=value` overrides; an unknown key is an error naming the closest one."""
+def unknown_key(key, valid, where):
+    close = [SYNONYMS[key]] if SYNONYMS.get(key) in valid else difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {key!r}{hint}; valid keys are listed in {where}"
+
+
+def load_config(yaml_name, args, schema=None, pending=()):
+    """yaml defaults + `key=value` overrides, checked against the script's declared `schema` (a
+    Settings subclass) before anything is loaded: every problem is one line of the ConfigError.
+
+    The yaml holds the defaults and one comment per key, the schema each key's type and range. A value
+    for a text key is taken as typed (so system_prompt='Note: x' stays text); others are read as YAML.
+    `pending`: folders whose missing inputs an earlier pipeline stage will make (pipeline.sh's check)."""
     path = Path(yaml_name)
     if not path.is_absolute():
         path = REPO / path
     cfg = yaml.safe_load(path.read_text())
-    for key, value in parse_overrides(args).items():
+    undeclared = sorted(set(cfg) ^ set(schema.model_fields)) if schema else []
+    if undeclared:  # the yaml and the script's schema must list the same keys
+        die(f"{path.name} and {schema.__name__} disagree on the keys {', '.join(undeclared)}: "
+            f"declare each key in both")
+    problems = []
+    for key, text in parse_overrides(args).items():
         if key not in cfg:
-            close = [SYNONYMS[key]] if SYNONYMS.get(key) in cfg else difflib.get_close_matches(key, cfg, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            die(f"unknown config key {key!r}{hint}; valid keys are listed in {path.name}")
-        cfg[key] = value
-    return SimpleNamespace(**cfg)
+            problems.append(unknown_key(key, cfg, path.name))
+        elif text in ("", "null", "~") or schema is None or not _text_key(schema.model_fields[key].annotation):
+            cfg[key] = parse_value(text)
+        else:
+            cfg[key] = text
+    if schema is None:
+        if problems:
+            die(problems)
+        return SimpleNamespace(**cfg)
+    return check_settings(schema, cfg, pending, problems)
+
+
+def check_settings(schema, values, pending=(), problems=()):
+    """`values` checked against `schema`: a SimpleNamespace of the typed values, or a ConfigError
+    with one line per problem (after those already found)."""
+    problems = list(problems)
+    try:
+        settings = schema.model_validate(values, context={"pending": pending})
+    except ValidationError as e:
+        problems += validation_messages(e, values)
+    if problems:
+        die(problems)
+    return SimpleNamespace(**settings.model_dump())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one 'error: ...' line and exit status 2 (a ConfigError), like every
+    other user error, instead of a usage block and the error."""
+
+    def error(self, message):
+        die(message)
+
+
+class Settings(BaseModel):
+    """Base of every script's declared settings: strict types (2.5 is no count, 'yes' no number),
+    finite numbers only, no undeclared keys. A script's subclass lists its keys with their types,
+    ranges and path roles, and puts checks that span several keys in problems()."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    def problems(self, context):
+        """Problems that involve several keys, one message each (none here)."""
+        return []
+
+    @model_validator(mode="after")
+    def _check_across_keys(self, info: ValidationInfo):
+        problems = self.problems(info.context or {})
+        if problems:
+            raise ValueError("\n".join(problems))  # validation_messages splits them into lines again
+        return self
+
+
+_PHRASES = {"int_type": "must be an integer", "int_from_float": "must be an integer",
+            "float_type": "must be a number", "float_parsing": "must be a number",
+            "finite_number": "must be a finite number", "bool_type": "must be true or false",
+            "string_type": "must be text", "list_type": "must be a list such as [a, b]",
+            "too_short": "must not be empty"}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _show(value):
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _phrase(err):
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"must be {_BOUNDS[kind]} {int(bound) if float(bound).is_integer() else bound}"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return _PHRASES.get(kind, err["msg"][0].lower() + err["msg"][1:])
+
+
+def validation_messages(error, data):
+    """pydantic's errors as one line per key: 'KEY must be ..., got VALUE'. The errors of one key (the
+    branches of a union such as eps: a number or auto) are joined into one line."""
+    phrases, lines = {}, []
+    for err in error.errors():
+        if not err["loc"]:  # checks across keys: one message per line
+            lines += str(err.get("ctx", {}).get("error", err["msg"])).splitlines()
+            continue
+        phrase = _phrase(err)
+        if any(isinstance(part, int) for part in err["loc"]):  # an item of a list
+            phrase = "must be a list of " + ("text" if err["type"] == "string_type" else "valid items")
+        phrases.setdefault(err["loc"][0], []).append(phrase)
+    for key, found in phrases.items():
+        if data.get(key) is None:
+            lines.append(f"{key} is required")
+            continue
+        found = list(dict.fromkeys(found))
+        joined = found[0] + "".join(" or " + p.removeprefix("must be ") for p in found[1:])
+        lines.append(f"{key} {joined}, got {_show(data[key])}")
+    return lines
+
+
+def _text_key(annotation):
+    """A key whose value is text: str or str | None (not a choice, a number or a list)."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
+            for a in (typing.get_args(annotation) if union else (annotation,))]
+    return str in args and all(a in (str, type(None)) for a in args)
+
+
+def key_problem(key, phrase, value):
+    """One line in the house form: 'KEY must be ..., got VALUE'."""
+    return f"{key} {phrase}, got {_show(value)}"
+
+
+def is_pending(path, context):
+    """In pipeline.sh's check, a missing input under a pending folder is one an earlier stage makes."""
+    path = Path(path).resolve()
+    return not path.exists() and any(path.is_relative_to(Path(d).resolve()) for d in context.get("pending", ()))
+
+
+def input_problem(path, kind, context):
+    """Why `path` is not an input of `kind` (file, directory, model, traces), as a phrase; None if it is."""
+    p = Path(path).expanduser()
+    if is_pending(p, context):
+        return None
+    if kind == "model":  # a local directory, or a Hub id resolved when loading (as load_tokenizer does)
+        hub_id = not str(path).startswith(("/", ".", "~")) and str(path).count("/") == 1
+        if p.is_dir() or (hub_id and not p.exists()):
+            return None
+        return "must be a model directory or a Hub id such as Qwen/Qwen2.5-3B (" + \
+            ("it is a file)" if p.exists() else "no such directory)")
+    if kind == "file":
+        return None if p.is_file() else "must be an existing file" + (" (it is a directory)" if p.exists() else "")
+    if not p.is_dir():
+        what = "a trace dataset written by gentraces.py" if kind == "traces" else "an existing directory"
+        return f"must be {what}" + (" (it is a file)" if p.exists() else " (no such directory)")
+    if kind == "traces" and not (p / "state.json").is_file():
+        return "must be a trace dataset written by gentraces.py (no state.json: not saved with save_to_disk)"
+    return None
+
+
+def output_dir_problem(path):
+    """Why a directory cannot be made or written at `path`, as a phrase; None if it can. Checked before
+    any model loads, so a file in the way is not found after hours of work."""
+    p = Path(path).expanduser()
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"must be a directory that can be written ({existing} is a file)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"must be a directory that can be written ({existing} is not writable)"
+    return None
+
+
+def output_file_problem(path):
+    """Why a file cannot be written at `path`, as a phrase; None if it can."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return "must be the path of a file to write (it is a directory)"
+    return output_dir_problem(p.parent)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+
+
+def name_problem(name):
+    """Output names become file names inside their folder: no '/', '..' or leading '.' (hidden names
+    are the work and temporary files)."""
+    if _NAME.fullmatch(name) and len(name) <= 200:
+        return None
+    return "must be a plain name that stays inside its folder (letters, digits and . _ + = -, not starting with '.')"
+
+
+def attention_problem(name):
+    if name in ("sdpa", "eager"):  # the common names, without the seconds of importing transformers' models
+        return None
+    from transformers import AttentionInterface  # the names transformers knows, with any registered since
+    known = {"eager", *AttentionInterface._global_mapping}
+    if name in known or "/" in name or name.startswith("paged|"):  # org/repo: a Hub kernel
+        return None
+    return f"must be one of {', '.join(sorted(known))}, or a Hub kernel such as kernels-community/flash-attn"
+
+
+def checked(check):
+    """A pydantic validator from a check that returns a problem phrase or None."""
+    def validate(value, info: ValidationInfo):
+        problem = check(value, info.context or {})
+        if problem:
+            raise ValueError(problem)
+        return value
+    return AfterValidator(validate)
+
+
+# the types the scripts' settings are declared with
+Count = Annotated[int, Field(ge=1)]                     # a positive integer
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]                # a finite number > 0 (Settings forbids inf and nan)
+NonNegative = Annotated[float, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Dtype = Literal["bfloat16", "float16", "float32"]
+Attention = Annotated[str, checked(lambda v, ctx: attention_problem(v))]
+Name = Annotated[str, checked(lambda v, ctx: name_problem(v))]             # an output name inside its folder
+ModelPath = Annotated[str, checked(lambda v, ctx: input_problem(v, "model", ctx))]  # local directory or Hub id
+InputDir = Annotated[str, checked(lambda v, ctx: input_problem(v, "directory", ctx))]
+InputFile = Annotated[str, checked(lambda v, ctx: input_problem(v, "file", ctx))]
+TracesPath = Annotated[str, checked(lambda v, ctx: input_problem(v, "traces", ctx))]  # gentraces.py output
+OutputDir = Annotated[str, checked(lambda v, ctx: output_dir_problem(v))]
+OutputFile = Annotated[str, checked(lambda v, ctx: output_file_problem(v))]
+
+
+def check_commands(argv):
+    """pipeline.sh's check before its first launch, in this one process: stdin holds every stage
+    command the run would launch, one `SCRIPT ARG ...` per line in shell quoting; each is checked by
+    that script's own settings(). Inputs under the folders in argv may be missing (earlier stages make
+    them). The same problem in many commands (a typo in GEN_ARGS) is reported once."""
+    import runpy
+    import shlex
+    checkers, problems = {}, []
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        script, *args = shlex.split(line)
+        if script not in checkers:  # loaded by path, as a launcher would: no module imports a stage script
+            checkers[script] = runpy.run_path(str(REPO / script))["settings"]
+        try:
+            checkers[script](args, pending=tuple(argv))
+        except ConfigError as e:
+            problems += [f"{script}: {m}" for m in e.messages]
+    if problems:
+        die(list(dict.fromkeys(problems)))
 
 
 def seed_everything(seed):
@@ -116,26 +370,66 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _source_rows(dataset, source_split, data_dir):
-    """Rows of one source split, from local jsonl files when data_dir is set, else from the Hub."""
+SOURCE_FIELDS = {"gsm8k": ("question", "answer"), "hendrycks_math": ("problem", "solution"),
+                 "mmlu": ("question", "choices", "answer")}  # what _to_example reads from a source row
+
+
+def source_of(key):
+    """(dataset, source split) that a split key such as 'gsm8k_holdout' reads."""
+    dataset, part = parse_split(key)
+    return dataset, "test" if part == "test" else \
+        {"gsm8k": "train", "hendrycks_math": "train", "mmlu": "auxiliary_train"}[dataset]
+
+
+def local_source_files(key, data_dir):
+    """The jsonl files under data_dir that a split key reads (offline runs)."""
+    dataset, source_split = source_of(key)
     if dataset == "gsm8k":
-        local = [f"gsm8k/{source_split}.jsonl"]
+        rel = [f"gsm8k/{source_split}.jsonl"]
+    elif dataset == "hendrycks_math":
+        rel = [f"hendrycks_math/{s}/{source_split}.jsonl" for s in MATH_SUBSETS]
+    else:
+        rel = [f"mmlu/{source_split}.jsonl"]
+    return [Path(data_dir) / r for r in rel]
+
+
+def read_source_jsonl(path, fields):
+    """Rows of a local source file; a line that is not a JSON object with `fields` is one error line."""
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                die(f"{path}:{lineno}: not a JSON line ({e.msg})")
+            inner = row.get("train", row) if isinstance(row, dict) and isinstance(row.get("train"), dict) else row
+            missing = [k for k in fields if not isinstance(inner, dict) or k not in inner]
+            if missing:
+                die(f"{path}:{lineno}: lacks the field{'s' * (len(missing) > 1)} {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def _source_rows(key, data_dir):
+    """Rows of the source split a split key reads, from local jsonl files when data_dir is set, else
+    from the Hub."""
+    dataset, source_split = source_of(key)
+    if data_dir:
+        rows = []
+        for path in local_source_files(key, data_dir):
+            if not path.exists():
+                die(f"missing local dataset file {path}")
+            rows += read_source_jsonl(path, SOURCE_FIELDS[dataset])
+        return rows
+    if dataset == "gsm8k":
         hub = [("openai/gsm8k", "main", "train")] if source_split == "train" else \
               [("madrylab/gsm8k-platinum", "main", "test")]
     elif dataset == "hendrycks_math":
-        local = [f"hendrycks_math/{s}/{source_split}.jsonl" for s in MATH_SUBSETS]
         hub = [("EleutherAI/hendrycks_math", s, source_split) for s in MATH_SUBSETS]
     else:
-        local = [f"mmlu/{source_split}.jsonl"]
         hub = [("cais/mmlu", "all", source_split)]
-    if data_dir:
-        rows = []
-        for rel in local:
-            path = Path(data_dir) / rel
-            if not path.exists():
-                die(f"missing local dataset file {path}")
-            rows += read_jsonl(path)
-        return rows
     import datasets  # the Hub path only; local runs never touch it
     rows = []
     for name, config, split in hub:
@@ -163,8 +457,9 @@ def load_split(key, data_dir=None, max_samples=None):
     split is shuffled too, so a capped test set samples every subset.  idx is the row's position in
     this split and keys the sampling noise."""
     dataset, part = parse_split(key)
-    source = {"gsm8k": "train", "hendrycks_math": "train", "mmlu": "auxiliary_train"}[dataset]
-    rows = _source_rows(dataset, "test" if part == "test" else source, data_dir)
+    rows = _source_rows(key, data_dir)
+    if not rows:
+        die(f"{key}: the source data has no rows" + (f" (data_dir={data_dir})" if data_dir else ""))
     order = list(range(len(rows)))
     random.Random(SPLIT_SEED).shuffle(order)
     if part != "test":
@@ -377,13 +672,6 @@ def torch_dtype(name, device):
     if device.type == "cpu":
         return torch.float32  # bf16 matmuls on CPU are slow and change numerics for tests
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def require_positive(cfg, key, integer=False):
-    """cfg.key must be a positive number (an integer with integer=True); else one error line."""
-    value = getattr(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
-        die(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
 
 def load_tokenizer(path, trust_remote_code=False, what="model"):

@@ -129,15 +129,15 @@ def tokenizer_only(tmp_path_factory):
 
 @pytest.mark.parametrize("bad,message", [
     ({"lora_rank": 8}, "unknown config key 'lora_rank' (did you mean 'lora_r'?)"),
-    ({"lora_r": -1}, "lora_r must be a positive integer, or 0 for full fine-tuning, got -1"),
-    ({"lora_alpha": 0}, "lora_alpha must be a positive number, got 0"),
-    ({"learning_rate": 0}, "learning_rate must be a positive number, got 0"),
-    ({"learning_rate": -5e-4}, "learning_rate must be a positive number, got -0.0005"),
-    ({"epochs": 0}, "epochs must be a positive number, got 0"),
+    ({"lora_r": -1}, "lora_r must be >= 0, got -1"),
+    ({"lora_alpha": 0}, "lora_alpha must be > 0, got 0"),
+    ({"learning_rate": 0}, "learning_rate must be > 0, got 0"),
+    ({"learning_rate": -5e-4}, "learning_rate must be > 0, got -0.0005"),
+    ({"epochs": 0}, "epochs must be > 0, got 0"),
     ({"global_batch_size": 5}, "global_batch_size=5 is not a multiple of per_device_batch_size=2 x 1 processes"),
     ({"max_length": 8}, "keeps a completion token within max_length=8"),
-    (lambda tmp_path: {"eval_traces": tmp_path / "missing_holdout"}, "missing_holdout does not exist"),
-    ({"student": "/nonexistent/student"}, "student /nonexistent/student does not exist"),
+    (lambda tmp_path: {"eval_traces": tmp_path / "missing_holdout"}, "missing_holdout'"),
+    ({"student": "/nonexistent/student"}, "student must be a model directory or a Hub id"),
 ], ids=["unknown_key", "lora_r_negative", "lora_alpha_0", "learning_rate_0", "learning_rate_negative", "epochs_0",
         "batch_not_divisible", "max_length_below_every_prompt", "missing_eval_traces", "missing_student"])
 def test_bad_input_is_one_error_line_and_writes_nothing(bad, message, tokenizer_only, tmp_path):

@@ -4,6 +4,7 @@ import re
 import pytest
 
 import report
+from utils import ConfigError
 
 ADS = "tau9.00e-01_lam5.00e-02_eps1.00e-02"
 ADS_NO_STUDENT = "tau1.00e+00_lam2.00e-01_eps1.00e-02"
@@ -78,20 +79,19 @@ def test_row_missing_its_student_eval_is_kept_with_no_student(exp_dir):
 
 def test_malformed_registry_line_is_a_one_line_error_naming_the_line(tmp_path):
     path = write_registry(tmp_path, [json.dumps(entry("holdout", 0.9, 0.9)), '{"name": "eval_teacher_', "{}"])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError) as e:
         report.main(["--exp-dir", str(tmp_path)])
-    message = str(e.value.code)
-    assert f"{path}:2:" in message and "\n" not in message
+    assert len(e.value.messages) == 1 and f"{path}:2:" in e.value.msg and "\n" not in e.value.msg
 
 
 def test_registry_line_without_a_name_is_malformed(tmp_path):
     path = write_registry(tmp_path, [json.dumps({"n": 3})])
-    with pytest.raises(SystemExit, match=re.escape(f"{path}:1:")):
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:1:")):
         report.main(["--exp-dir", str(tmp_path)])
 
 
 def test_missing_registry_is_a_one_line_error(tmp_path):
-    with pytest.raises(SystemExit, match="registry not found"):
+    with pytest.raises(ConfigError, match="registry not found"):
         report.main(["--exp-dir", str(tmp_path)])
     assert not (tmp_path / "report.md").exists()
 

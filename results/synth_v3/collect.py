@@ -1,9 +1,9 @@
-"""Copy what results/synth keeps of a pipeline_synth.sh run into a folder: the registry, every trace
+"""Copy what results/synth_v3 keeps of a pipeline_synth.sh run into a folder: the registry, every trace
 sidecar, the per-problem grades of every eval (idx and grade columns only), every student's
 train_summary.yaml, the calibrations and grids, the assets' manifest, the report and its plot, and the
 redone / check / filler line counts of the train traces (whose completions are not kept).
 
-    python results/synth/analysis/collect.py --exp-dir exp/synth --out /tmp/synth_results
+    python results/synth_v3/collect.py --exp-dir exp/synth --out /tmp/synth_results
 """
 import argparse
 import json
