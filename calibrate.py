@@ -2,7 +2,10 @@
 
 For each target accuracy, bisect on a few hundred train problems for the temperature tau at which plain
 sampling (lam = 0) writes traces that accurate, and for the ADS strength lam at tau = --ads-tau that
-does. eps comes first, once: an ADS probe with eps=auto (gentraces.py's FD check against the exact JVP)
+does. The ADS rows' tau comes first: with --ads-tau auto, the tau at which plain sampling is --headroom
+above the highest target; a given tau is probed at lam = 0 and refused when plain sampling there is not
+above every ADS target (ADS only lowers accuracy, so the search would end at lam ~ 0, an ADS row in name
+only). eps comes next, once: an ADS probe with eps=auto (gentraces.py's FD check against the exact JVP)
 picks it, and every ADS row uses it. Each probe is a plain gentraces.py run under EXP_DIR/calibration/,
 so calibration samples exactly as the rows will; probes of different searches run side by side.
 Writes --out in grid.py's format (temperature and ADS row per target; optionally the first target's ADS
@@ -23,7 +26,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent
-TAU_RANGE = (0.5, 4.0)     # where the temperature search looks
+TAU_RANGE = (0.5, 4.0)     # where the temperature rows' search looks
+ADS_TAU_RANGE = (0.05, 4.0)  # and the ADS rows' (auto), in log space: near-greedy accuracy needs a low tau
 LAM_START = 1e-2           # the ADS search doubles lam from here until the traces fall below the target
 LAM_MAX = 1e4
 
@@ -39,7 +43,10 @@ def parse_args(argv=None):
     parser.add_argument("--targets", type=float, nargs="+", required=True, help="train-trace accuracies, e.g. 0.9 0.8")
     parser.add_argument("--series", nargs="+", default=["temperature", "ads"], choices=["temperature", "ads"],
                         help="which rows to calibrate per target (default: both)")
-    parser.add_argument("--ads-tau", type=float, default=0.9, help="the ADS rows' temperature (default 0.9)")
+    parser.add_argument("--ads-tau", type=tau_or_auto, default=0.9,
+                        help="the ADS rows' temperature, or auto (see --headroom); default 0.9")
+    parser.add_argument("--headroom", type=float, default=0.03,
+                        help="with --ads-tau auto, plain sampling's accuracy above the highest target (default 0.03)")
     parser.add_argument("--eps", default="auto", help="eps of the ADS rows, or auto (default: auto)")
     parser.add_argument("--problems", type=int, default=300, help="train problems per probe (default 300)")
     parser.add_argument("--tolerance", type=float, default=0.02,
@@ -56,10 +63,26 @@ def parse_args(argv=None):
         parser.error(f"--targets must lie in (0, 1), got {args.targets}")
     if args.problems < 1 or args.probes < 1 or not 0 < args.tolerance < 1:
         parser.error("--problems and --probes must be positive and --tolerance in (0, 1)")
+    if args.ads_tau == "auto" and "ads" not in args.series and args.reference:
+        parser.error("--reference needs a numeric --ads-tau when no ADS rows are calibrated")
+    if not 0 <= args.headroom < 1 - max(args.targets):
+        parser.error(f"--headroom must lie in [0, 1 - highest target), got {args.headroom}")
     args.grad = args.grad or args.exp_dir / "student_grads.safetensors"
     if "ads" in args.series and not args.grad.is_file():
         parser.error(f"ADS rows need the gradient; {args.grad} does not exist (run save_grad.py first)")
     return args
+
+
+def tau_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        tau = float(text)
+    except ValueError:
+        tau = math.nan
+    if not (math.isfinite(tau) and tau > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number or auto, got {text!r}")
+    return tau
 
 
 class Prober:
@@ -123,6 +146,32 @@ def calibrate_ads(probe, target, eps, args):
     return rounded(lam), acc
 
 
+def headroom_problem(targets, tau, plain_accuracy, tol):
+    """Why no ADS row can be calibrated at tau, or None: ADS only takes accuracy away from plain sampling
+    at its tau, so every target must lie more than tol below plain sampling's accuracy there."""
+    short = [t for t in targets if plain_accuracy < t + tol]
+    if short:
+        return (f"ADS target {max(short):.2f} is not below plain sampling at tau {tau:.3g} "
+                f"({plain_accuracy:.3f}); lower --ads-tau or use --ads-tau auto")
+    return None
+
+
+def choose_ads_tau(probe, args):
+    """The ADS rows' tau: the given one, or (auto) where plain sampling is --headroom above the highest
+    target; either way checked against every target. Returns (tau, plain sampling's accuracy there)."""
+    f = lambda tau: probe(f"cal_plain_tau{rounded(tau):.2e}", rounded(tau))[0]
+    if args.ads_tau == "auto":
+        tau, acc = search(probe, f, *ADS_TAU_RANGE, max(args.targets) + args.headroom, args.tolerance, args.probes,
+                          geometric=True)
+        tau = rounded(tau)
+    else:
+        tau, acc = args.ads_tau, f(args.ads_tau)
+    problem = headroom_problem(args.targets, tau, acc, args.tolerance)
+    if problem:
+        sys.exit(f"error: calibrate.py: {problem}")
+    return tau, acc
+
+
 def choose_eps(probe, args):
     """eps of every ADS row: the FD check's choice at eps=auto, or the given value (still checked)."""
     acc, diag = probe("cal_eps", args.ads_tau, LAM_START, args.eps)
@@ -146,16 +195,23 @@ def grid_lines(args, temperature, ads, eps):
 def main(argv=None):
     args = parse_args(argv)
     probe = Prober(args)
-    eps, fd = choose_eps(probe, args) if "ads" in args.series else (0.0, {})
-    with ThreadPoolExecutor(2 * len(args.targets)) as pool:
+    plain, eps, fd = None, 0.0, {}
+    with ThreadPoolExecutor(2 * len(args.targets) + 1) as pool:
+        # the temperature rows do not depend on the ADS rows' tau and eps, so they start at once
         temp = {t: pool.submit(calibrate_temperature, probe, t, args) for t in args.targets
                 if "temperature" in args.series}
-        ads = {t: pool.submit(calibrate_ads, probe, t, eps, args) for t in args.targets if "ads" in args.series}
+        ads = {}
+        if "ads" in args.series:
+            args.ads_tau, plain = choose_ads_tau(probe, args)
+            eps, fd = choose_eps(probe, args)
+            ads = {t: pool.submit(calibrate_ads, probe, t, eps, args) for t in args.targets}
         temp, ads = {t: f.result() for t, f in temp.items()}, {t: f.result() for t, f in ads.items()}
     lines = grid_lines(args, temp, ads, eps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(line + "\n" for line in lines))
-    summary = {"targets": args.targets, "metric": args.metric, "problems": args.problems, "eps": eps, "fd_check": fd,
+    summary = {"targets": args.targets, "metric": args.metric, "problems": args.problems,
+               "ads_tau": args.ads_tau if "ads" in args.series else None, "plain_accuracy_at_ads_tau": plain,
+               "eps": eps, "fd_check": fd,
                "temperature": {t: dict(tau=x, accuracy=a) for t, (x, a) in temp.items()},
                "ads": {t: dict(tau=args.ads_tau, lam=x, accuracy=a) for t, (x, a) in ads.items()},
                "grid": lines, "probes": sorted(probe.log, key=lambda p: p["name"])}

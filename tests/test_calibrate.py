@@ -3,6 +3,8 @@ writes is what pipeline.sh runs (the run itself is in test_pipeline_synth.py).""
 import math
 from types import SimpleNamespace
 
+import pytest
+
 import calibrate
 
 
@@ -29,3 +31,27 @@ def test_grid_file_has_each_band_the_permuted_row_and_the_reference_once():
     lines = calibrate.grid_lines(args, temperature, ads, 1e-3)
     assert lines == ["1.25e+00 0 0", "9.00e-01 3.00e-02 1.00e-03", "9.00e-01 1.20e-01 1.00e-03",
                      "9.00e-01 3.00e-02 1.00e-03 permute", "9.00e-01 0 0"]
+
+
+def plain_sampling(tau, lam=0.0, eps=0.0):
+    """A teacher whose plain sampling is 97% accurate near greedy and falls with tau (about 0.89 at tau 0.9)."""
+    return 0.97 / (1 + math.exp(6 * (tau - 1.3))) + 0.0 * lam, {}
+
+
+def ads_args(**kw):
+    base = dict(targets=[0.9, 0.8], ads_tau="auto", headroom=0.03, tolerance=0.005, probes=20)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_auto_ads_tau_is_where_plain_sampling_is_headroom_above_the_highest_target():
+    tau, acc = calibrate.choose_ads_tau(lambda name, tau, *a: plain_sampling(tau), ads_args())
+    assert abs(acc - 0.93) <= 0.005 and tau < 0.9
+
+
+def test_an_ads_tau_whose_plain_sampling_is_below_a_target_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        calibrate.choose_ads_tau(lambda name, tau, *a: plain_sampling(tau), ads_args(ads_tau=0.9))
+    message = str(stop.value)
+    assert message.startswith("error: calibrate.py: ADS target 0.90") and "0.88" in message and "\n" not in message
+    tau, acc = calibrate.choose_ads_tau(lambda name, tau, *a: plain_sampling(tau), ads_args(ads_tau=0.5))
+    assert tau == 0.5 and acc > 0.93

@@ -122,7 +122,7 @@ def main():
           "| redone / check / filler per correct trace |")
     print("|---|---|---|---|---|---|---|")
     named = [(f"{t:.0%} {s}", n) for t, b in bands.items() for s, n in b.items()] + \
-            [(f"{cal['targets'][0]:.0%} ADS permuted", permuted), ("tau 0.9 reference", reference)]
+            [(f"{cal['targets'][0]:.0%} ADS permuted", permuted), (f"tau {cal['ads'][cal['targets'][0]]['tau']:.3g} reference (lam 0)", reference)]
     for label, name in named:
         row = rows.get(name)
         student = [100 * e["raw_accuracy"] for e in row["students"].values()] if row else []
