@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from utils import (Attention, Count, Dtype, ModelPath, NonNegative, NonNegativeInt, OutputDir, Positive,  # noqa: E402
-                   Seed, Settings, TracesPath, atomic_publish_dir, atomic_write_text, checked, die, load_config,
-                   load_model, load_tokenizer, load_traces, log, run_cli, seed_everything, to_yaml,
+                   Seed, Settings, TracesPath, atomic_publish_dir, atomic_write_text, cap_cuda_memory, checked, die,
+                   load_config, load_model, load_tokenizer, load_traces, log, run_cli, seed_everything, to_yaml,
                    tokenize_traces, torch_dtype)
 
 
@@ -239,6 +239,7 @@ def main(argv):
     seed_everything(cfg.seed)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    memory_cap = cap_cuda_memory(device)
     # float32 students (small models, the synth run) train through TF32 tensor cores on CUDA
     torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student, cfg.trust_remote_code, what="student")
@@ -261,7 +262,9 @@ def main(argv):
 
     if trainer.is_world_process_zero():
         counts = dict(n_train=len(train), n_eval=len(evals or []), dropped_train=dropped_train,
-                      dropped_eval=dropped_eval)
+                      dropped_eval=dropped_eval, memory_cap_gib=memory_cap,
+                      train_seconds=round(result.metrics.get("train_runtime", 0.0), 2),
+                      train_samples_per_second=result.metrics.get("train_samples_per_second"))
         atomic_write_text(Path(cfg.output_dir) / "train_summary.yaml",
                           to_yaml(summary(cfg, trainer, result, resumed_from, counts)))
         save_final(trainer.model, tokenizer, cfg.output_dir)

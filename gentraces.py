@@ -382,6 +382,7 @@ def main(argv):
     cfg = settings(argv)
     from accelerate import PartialState
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
+    memory_cap = utils.cap_cuda_memory(state.device)
     if cfg.lam < 0:
         utils.log(f"notice: lam={cfg.lam} < 0 tilts sampling toward tokens that lower the proxy's loss: "
                   "traces easier to distill, the opposite of ADS", state.is_main_process)
@@ -402,7 +403,8 @@ def main(argv):
     rows = grade(gather(work, n_chunks), utils.parse_split(cfg.data_split)[0], cfg.trace_colname)
     stats = trace_stats(rows, n_dropped, time.time() - start)
     diagnostics = {**models.diagnostics, "eps": params.eps, "processes": state.num_processes, "device": str(state.device),
-                   "engine": cfg.engine, "vocab_size": models.vocab_size}
+                   "engine": cfg.engine, "vocab_size": models.vocab_size,
+                   "peak_gpu_memory_gib": utils.peak_gpu_gib(state.device), "memory_cap_gib": memory_cap}
     save_outputs(cfg, rows, stats, diagnostics)
     shutil.rmtree(work, ignore_errors=True)
     utils.log(f"{cfg.trace_name}: n={stats['n']} raw_acc={stats['raw_accuracy']:.3f} "

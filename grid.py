@@ -32,6 +32,11 @@ GRIDS = {
         "eps": 1e-2,
         "controls": ["permute"],
     },
+    "shapes": {  # pipeline_shapes.sh: one temperature row and one ADS row (lam 0.05, b = 5), paper settings
+        "taus": [0.9, 1.5],
+        "lam_over_eps": [5.0],
+        "eps": 1e-2,
+    },
     # pipeline_synth.sh: 6 temperature rows (tau 0.9 with lam 0, and five hotter) and 7 ADS rows, each
     # again with its penalty permuted: 20 rows.  Placed after a two-GPU run of this task, where the
     # teacher kept 88% at tau 1.5, 52% at 1.75 and 7% at 2.0, ADS fell from 77% to 10% between lam

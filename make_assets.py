@@ -6,15 +6,21 @@ width) and the student (Llama, Llama-3-style template, its own vocabulary) are b
 on domain text. The three train side by side, one process each (on CPU, as many as the cores allow).
 Deterministic data for a seed, and models on CPU. On GPU, five synth builds ended the proxy and the
 student at the same losses, to the last digit, but stopped the teacher at different steps (1,000 to
-1,600; cause not found). Two profiles:
+1,600; cause not found). Profiles:
   tiny   the CI pipeline's assets: one-digit problems, sub-million-parameter models; about 75 s on 2 CPU cores
   synth  the one-GPU reproduction: two-digit problems of 3-5 numbered events, traces written in varied
          styles (room for ADS to choose among correct tokens); a 25M-parameter teacher, and a proxy and
          a student of its size pretrained on the questions and on arithmetic facts, never on
          solutions; about 3 minutes on one H200 (146-188 s in the four runs of results/synth)
+  shapes the real-shape rehearsal (pipeline_shapes.sh): untrained bf16 models with the paper's
+         configs (real_shapes.yaml: a 7B R1-Distill-Qwen teacher, a Qwen2.5-3B proxy, a Llama-3.2-3B
+         student) and tokenizers with the real id layouts (151,665 and 128,256 ids), on GPU data only
+  shapes_narrow  the same vocabularies, tokenizers and templates with 2-layer models of width 32: CI's
+         check that logits are cut and aligned at the real sizes
 
     python make_assets.py --out tiny_assets
     python make_assets.py --profile synth --out exp/synth/assets
+    python make_assets.py --profile shapes --out exp/shapes/assets
 """
 import argparse
 import json
@@ -24,11 +30,13 @@ import os
 import random
 import re
 import shutil
+import string
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+import transformers
 import yaml
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
@@ -102,6 +110,16 @@ PROFILES = {
 PROFILES["synth_tiny"] = {**PROFILES["tiny"], "styles": True, "extras": PROFILES["synth"]["extras"], "max_new_tokens": 96,
                           "warmup": dict(problems=200, val=16, tau=1.0, teacher_share=0.5, target=0.3, steps=40,
                                          batch_size=16, lr=1e-3, check_every=20)}
+
+# untrained models of the real shapes: the layout of real_shapes.yaml, GSM8K-schema problems of the
+# synth kind; `narrow` overrides the width and depth of every model (the vocabularies stay real)
+SHAPES = {"max_value": 60, "n_steps": (3, 5), "styles": True, "extras": PROFILES["synth"]["extras"],
+          "splits": {"train": 800, "test": 128}, "teacher_problems": 0, "teacher_val": 0, "numbered": True,
+          "vocab": {"teacher": 2000, "student": 800}, "narrow": None}
+PROFILES["shapes"] = SHAPES
+PROFILES["shapes_narrow"] = {**SHAPES, "splits": {"train": 120, "test": 16},
+                             "narrow": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8)}
 
 TEACHER_SPECIALS = ["<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>"]
 STUDENT_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
@@ -588,7 +606,94 @@ def warm_up(out, seed, profile, ttok, pool, system_prompt):
     return {**done, "traces": len(problems), "teacher_share": teacher_share}
 
 
+def real_shapes():
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "real_shapes.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def with_real_ids(tok, layout, template):
+    """tok re-laid to a real tokenizer's ids: its learned tokens first, then merged tokens of two to
+    four letters up to layout['regular'] (so decoded random ids re-encode to about as many tokens, as
+    with a real BPE), then the specials at their real ids and reserved specials in the gaps:
+    len() and every special id are the real checkpoint's."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    if len(vocab) > layout["regular"]:
+        raise ValueError(f"{len(vocab)} learned tokens do not fit in {layout['regular']} regular ids")
+    for left, right in filler_pairs(string.ascii_letters):
+        if len(vocab) == layout["regular"]:
+            break
+        if left + right not in vocab:
+            vocab[left + right] = len(vocab)
+            merges.append([left, right])
+    flags = {t["content"]: t["special"] for t in spec["added_tokens"]}
+    named = {int(i): text for i, text in layout["specials"].items()}
+    missing = set(flags) - set(named.values())
+    if missing:
+        raise ValueError(f"tokens {sorted(missing)} have no id in the layout")
+    spec["added_tokens"] = [
+        dict(id=i, content=named.get(i, f"<|reserved_special_token_{i - layout['regular']}|>"),
+             single_word=False, lstrip=False, rstrip=False, normalized=False, special=flags.get(named.get(i), True))
+        for i in range(layout["regular"], layout["size"])]
+    ids = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    for entry in spec["post_processor"]["special_tokens"].values():
+        entry["ids"] = [ids[entry["id"]]]
+    wide = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=layout["bos"],
+                                   eos_token=layout["eos"], pad_token=layout["pad"], unk_token=None,
+                                   chat_template=template, model_max_length=131072)
+    assert len(wide) == layout["size"], (len(wide), layout["size"])
+    return wide
+
+
+def filler_pairs(letters):
+    """(left, right) merges in a fixed order: pairs of letters, then pair + letter, then pair + pair.
+    Letters only: decoded, random ids then form words that re-encode to about as many tokens (digits
+    and punctuation would be split apart by the pre-tokenizers, bytes could decode to invalid UTF-8)."""
+    pairs = [(a, b) for a in letters for b in letters]
+    yield from pairs
+    for tail in (letters, [a + b for a, b in pairs]):
+        for a, b in pairs:
+            for c in tail:
+                yield a + b, c
+
+
+def random_model(spec, tok, narrow, seed, device):
+    """An untrained model of spec's class and config (narrowed if asked), bf16, its token ids from tok."""
+    cls = getattr(transformers, spec["class"])
+    config = cls.config_class(**{**spec["config"], **(narrow or {})}, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    with torch.device(device):  # a 7B model initialises in seconds on the GPU, minutes on the CPU
+        return cls._from_config(config, dtype=torch.bfloat16)
+
+
+def build_shapes(out, seed, profile):
+    """Data, tokenizers with the real id layouts, and untrained teacher, proxy and student."""
+    t0 = time.time()
+    system_prompt = load_system_prompt()
+    train, test, _ = make_data(out, seed, profile)
+    ttok, stok = make_tokenizers(train, system_prompt, profile)
+    shapes = real_shapes()
+    ttok = with_real_ids(ttok, shapes["teacher"]["tokenizer"], TEACHER_TEMPLATE)
+    stok = with_real_ids(stok, shapes["student"]["tokenizer"], STUDENT_TEMPLATE)
+    toks = {"teacher": ttok, "proxy": ttok, "student": stok}
+    done = {}
+    for index, name in enumerate(("teacher", "proxy", "student")):
+        model = random_model(shapes[name], toks[name], profile["narrow"], seed + index, job_device())
+        save_model(model, toks[name], os.path.join(out, name))
+        done[name] = dict(params=n_params(model), vocab_size=model.config.vocab_size, tokenizer_len=len(toks[name]))
+        del model
+    manifest = {"seed": seed, "profile": profile, "rows": {"train": len(train), "test": len(test)},
+                "models": done, "sources": {name: shapes[name]["source"] for name in toks},
+                "device": job_device().type, "build_seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
 def build(out, seed, profile):
+    if "narrow" in profile:  # the shapes profiles: nothing is trained
+        return build_shapes(out, seed, profile)
     t0 = time.time()
     system_prompt = load_system_prompt()
     train, test, pool = make_data(out, seed, profile)
@@ -646,9 +751,9 @@ def main():
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    acc = manifest["teacher_test_accuracy"]
-    print(f"built {out} in {manifest['build_seconds']}s; teacher test accuracy: greedy {acc['greedy']:.2f}, "
-          f"answer-forced {acc['answer_forced']:.2f}")
+    acc = manifest.get("teacher_test_accuracy")
+    print(f"built {out} in {manifest['build_seconds']}s" + (f"; teacher test accuracy: greedy {acc['greedy']:.2f}, "
+          f"answer-forced {acc['answer_forced']:.2f}" if acc else " (untrained models)"))
 
 
 if __name__ == "__main__":

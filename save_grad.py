@@ -10,6 +10,7 @@ and no DDP wrapper is used (so saved keys are exactly proxy.named_parameters() n
 """
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -20,8 +21,9 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from utils import (Attention, Count, ModelPath, OutputFile, Settings, TracesPath, die, load_config, load_model,
-                   load_tokenizer, load_traces, log, run_cli, same_tokenizer, tokenize_traces)
+from utils import (Attention, Count, ModelPath, OutputFile, Settings, TracesPath, cap_cuda_memory, die, load_config,
+                   load_model, load_tokenizer, load_traces, log, peak_gpu_gib, run_cli, same_tokenizer,
+                   tokenize_traces)
 
 
 class GradSettings(Settings):
@@ -118,13 +120,13 @@ def reduce_gradient(model, stats, world):
     return stats.cpu()
 
 
-def save_gradient(model, stats, cfg, n_sequences, n_dropped, world):
+def save_gradient(model, stats, cfg, n_sequences, n_dropped, world, costs):
     """g as fp32 safetensors with string metadata, written to a temporary name and renamed into place."""
     grads = {name: p.grad.detach().float().cpu().contiguous() for name, p in model.named_parameters()}
     meta = dict(n_sequences=n_sequences, n_dropped=n_dropped, n_tokens=int(stats[1].item()),
                 loss=stats[0].item() / n_sequences,
                 grad_norm=math.sqrt(sum(g.double().pow(2).sum().item() for g in grads.values())),
-                proxy=cfg.proxy, traces=cfg.traces, max_length=cfg.max_length, n_processes=world)
+                proxy=cfg.proxy, traces=cfg.traces, max_length=cfg.max_length, n_processes=world, **costs)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -137,6 +139,8 @@ def main(argv):
     cfg = settings(argv)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
     main_process, world = state.is_main_process, state.num_processes
+    memory_cap = cap_cuda_memory(state.device)
+    start = time.time()
     ds = load_traces(cfg.traces)
     tokenizer = load_tokenizer(cfg.proxy, cfg.trust_remote_code, what="proxy")
     check_traces_tokenizer(cfg, tokenizer)
@@ -154,9 +158,12 @@ def main(argv):
                                 state.device, main_process)
     stats = reduce_gradient(model, stats, world)
     if main_process:
-        meta = save_gradient(model, stats, cfg, len(examples), len(dropped), world)
+        costs = dict(wall_seconds=round(time.time() - start, 2), peak_gpu_memory_gib=peak_gpu_gib(state.device),
+                     memory_cap_gib=memory_cap)
+        meta = save_gradient(model, stats, cfg, len(examples), len(dropped), world, costs)
         log(f"wrote {cfg.out}: {meta['n_sequences']} sequences, {meta['n_tokens']} completion tokens, "
-            f"loss {meta['loss']:.4f}, |g| {meta['grad_norm']:.4e}")
+            f"loss {meta['loss']:.4f}, |g| {meta['grad_norm']:.4e}, {meta['wall_seconds']:.1f} s"
+            + (f", peak {meta['peak_gpu_memory_gib']} GiB" if meta["peak_gpu_memory_gib"] else ""))
     state.wait_for_everyone()
     if world > 1:
         state.destroy_process_group()

@@ -706,3 +706,34 @@ def same_tokenizer(a, b):
 def log(msg, main_process=True):
     if main_process:
         print(msg, file=sys.stderr, flush=True)
+
+
+MEMORY_CAP = "CUDA_MEMORY_CAP_GIB"  # e.g. 80: hold each process to an H100's memory on a larger GPU
+
+
+def cap_cuda_memory(device):
+    """Cap this process's CUDA memory at $CUDA_MEMORY_CAP_GIB (unset: no cap), so a run on a larger GPU
+    fails where an 80 GiB one would; returns the cap in GiB, or None."""
+    text = os.environ.get(MEMORY_CAP, "")
+    if not text:
+        return None
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = float("nan")
+    if not (gib > 0 and gib != float("inf")):
+        die(f"{MEMORY_CAP} must be a positive number of GiB, got {text!r}")
+    if device.type != "cuda":
+        return None
+    import torch
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+    return gib
+
+
+def peak_gpu_gib(device):
+    """This process's peak CUDA memory, what its allocator reserved included, in GiB (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    import torch
+    return round(torch.cuda.max_memory_reserved(device) / 2**30, 2)

@@ -178,3 +178,23 @@ def test_complete_build_is_not_rebuilt(assets):
     assert "already built" in result.stdout
     manifest = json.loads((assets / "manifest.json").read_text())
     assert manifest["teacher_test_accuracy"]["greedy"] >= 0.8 and (assets / ".complete").exists()
+
+
+def test_a_tokenizer_relaid_to_a_real_layout_keeps_its_text_and_puts_specials_at_their_ids():
+    import make_assets
+    corpus = ["Ann has 5 apples. She buys 3 more.", "How many apples does Ann have now?"] * 20
+    tok = make_assets.build_tokenizer(corpus, 300, make_assets.TEACHER_SPECIALS, ["<think>", "</think>"],
+                                      bos=make_assets.TEACHER_SPECIALS[3], eos=make_assets.TEACHER_SPECIALS[0],
+                                      pad=make_assets.TEACHER_SPECIALS[0], template=make_assets.TEACHER_TEMPLATE,
+                                      qwen_split=True)
+    specials = dict(enumerate(make_assets.TEACHER_SPECIALS + ["<think>", "</think>"], start=5000))
+    layout = dict(regular=5000, size=5010, specials=specials, bos=specials[5003], eos=specials[5000],
+                  pad=specials[5000])
+    wide = make_assets.with_real_ids(tok, layout, make_assets.TEACHER_TEMPLATE)
+    assert len(wide) == 5010 and wide.bos_token_id == 5003 and wide.eos_token_id == 5000
+    assert wide.convert_tokens_to_ids("</think>") == 5005 and wide.convert_ids_to_tokens(5009).startswith("<|reserved")
+    text = corpus[0]
+    assert wide(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+    assert wide("x", add_special_tokens=True).input_ids[0] == 5003
+    filler = wide.decode([4000, 4001, 4002])
+    assert filler.isalpha() and len(wide(filler, add_special_tokens=False).input_ids) <= 4

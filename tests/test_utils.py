@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -177,3 +178,17 @@ def test_r1_style_consumer_does_not_repeat_think_from_its_generation_prompt():
     # a completion that does not start with the tail (traces written by another template) is kept whole
     ids, _ = utils.tokenize_example(r1, tf.SYSTEM, "Q?", "3+4=7", max_length=512)
     assert r1.decode(ids).endswith("<think>\n3+4=7" + r1.eos_token)
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "inf", "nan"])
+def test_a_bad_memory_cap_is_refused_before_any_model_loads(value, monkeypatch):
+    monkeypatch.setenv(utils.MEMORY_CAP, value)
+    with pytest.raises(utils.ConfigError, match=f"^error: {utils.MEMORY_CAP} must be a positive number of GiB, got '{value}'$"):
+        utils.cap_cuda_memory(torch.device("cpu"))
+
+
+def test_the_memory_cap_is_off_unless_set_and_never_applies_on_cpu(monkeypatch):
+    monkeypatch.delenv(utils.MEMORY_CAP, raising=False)
+    assert utils.cap_cuda_memory(torch.device("cpu")) is None
+    monkeypatch.setenv(utils.MEMORY_CAP, "80")
+    assert utils.cap_cuda_memory(torch.device("cpu")) is None and utils.peak_gpu_gib(torch.device("cpu")) is None

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The paper run rehearsed at its real shapes: pipeline.sh with the paper's defaults (generation to 1,024
+# tokens, ADS batch 192, LoRA r 128 at max_length 4096, 3 epochs, the accelerate launcher) on untrained
+# bf16 models of the paper's configs (make_assets.py --profile shapes: a 7B R1-Distill-Qwen teacher, a
+# Qwen2.5-3B proxy, a Llama-3.2-3B student, tokenizers with the real id layouts), with only the sample
+# counts cut and a two-row grid (one temperature row, one ADS row). Untrained models never emit EOS, so
+# every trace runs to max_length: a worst case for time and memory. Each process's CUDA memory is capped
+# at CUDA_MEMORY_CAP_GIB (default 80, an H100's), so a stage that fits here fits on the paper's node.
+#
+#   EXP_DIR=exp/shapes bash pipeline_shapes.sh                       # every GPU of the machine
+#   ASSETS_PROFILE=shapes_narrow LAUNCH=python HOLDOUT_MAX_SAMPLES=8 MAX_SAMPLES=8 STAGES=first \
+#       GEN_ARGS="max_length=160 max_prompt_length=128" bash pipeline_shapes.sh      # CPU: the first stages
+set -euo pipefail
+cd "$(dirname "$0")"
+
+export EXP_DIR=${EXP_DIR:-exp/shapes}
+ASSETS=${ASSETS:-$EXP_DIR/assets}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export CUDA_MEMORY_CAP_GIB=${CUDA_MEMORY_CAP_GIB:-80}
+STAGES=${STAGES:-all}   # all, or first: the holdout, the gradient, the ADS row's train traces, the undistilled student
+# fixed NAME VALUE WHY: a variable this wrapper must set; a different value of the user's is refused, not ignored
+fixed() {
+    [[ -z ${!1:-} || ${!1} == "$2" ]] \
+        || { echo "error: $(basename "$0") sets $1=$2 ($3), got '${!1}'; unset $1 or call pipeline.sh" >&2; exit 2; }
+    export "$1=$2"
+}
+[[ $STAGES == all || $STAGES == first ]] || { echo "error: STAGES must be all or first, got '$STAGES'" >&2; exit 2; }
+
+for model in teacher proxy student; do fixed "${model^^}" "$ASSETS/$model" "the shapes assets"; done
+fixed STUDENT_TOKENIZER "$ASSETS/student" "the shapes assets"
+fixed DATASET gsm8k "the shapes data has the GSM8K schema"
+fixed GRID shapes "the rehearsal's two rows"
+
+python make_assets.py --profile "${ASSETS_PROFILE:-shapes}" --out "$ASSETS"
+
+# the paper's counts are 5,231 train, 2,242 holdout and 1,209 test prompts; these keep every batch full
+export HOLDOUT_MAX_SAMPLES=${HOLDOUT_MAX_SAMPLES:-192} MAX_SAMPLES=${MAX_SAMPLES:-384}
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+((GPUS > 0)) || GPUS=1
+export LAUNCH=${LAUNCH:-"accelerate launch --config_file acc_config.yaml --num_processes $GPUS"}
+export GEN_ARGS="data_dir=$ASSETS/data ${GEN_ARGS:-}"
+if [[ $STAGES == first ]]; then
+    # the stages where the four vocabularies meet, without distillation: what CI runs on CPU
+    PREPARE_ONLY=1 bash pipeline.sh
+    read -r TAU LAM EPS < <(python grid.py --grid shapes | awk '$2 != "0.00e+00"')
+    read -ra GEN <<<"$GEN_ARGS"
+    TRACES=$EXP_DIR/traces
+    [[ -d $TRACES/tau${TAU}_lam${LAM}_eps${EPS} ]] || python gentraces.py teacher="$TEACHER" proxy="$PROXY" \
+        data_split=gsm8k_train tau="$TAU" lam="$LAM" eps="$EPS" grad_path="$EXP_DIR/student_grads.safetensors" \
+        exp_dir="$EXP_DIR" max_samples="$MAX_SAMPLES" batch_size="${ADS_BATCH:-192}" \
+        trace_name="tau${TAU}_lam${LAM}_eps${EPS}" "${GEN[@]}"
+    [[ -d $TRACES/eval_student_base ]] || python gentraces.py teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" \
+        data_split=gsm8k_test tau=0 lam=0 exp_dir="$EXP_DIR" max_samples="$MAX_SAMPLES" trace_name=eval_student_base \
+        "${GEN[@]}"
+    exit 0
+fi
+exec bash pipeline.sh
