@@ -726,6 +726,8 @@ def cap_cuda_memory(device):
     if device.type != "cuda":
         return None
     import torch
+    if device.index is None:  # a plain process's accelerate state says "cuda": the current device
+        device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
     return gib

@@ -60,7 +60,8 @@ def test_every_trace_runs_to_max_length_on_the_tokenizers_ids(shapes_run):
         assert side["diagnostics"]["vocab_size"] == vocab
     import pandas as pd
     rows = pd.read_parquet(shapes_run / "traces" / "holdout.parquet")
-    for prompt, n in zip(rows["prompt"], rows["n_tokens"]):
+    for system, question, n in zip(rows["system"], rows["question"], rows["n_tokens"]):
+        prompt = utils.render_generation_prompt(tok, system, question)  # ends in <think>\n, as generation did
         assert len(tok(prompt, add_special_tokens=False).input_ids) + n == MAX_LENGTH
 
 
