@@ -390,6 +390,32 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def write_rows(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def write_other_schemas(data_dir, train, test, seed):
+    """The same problems in the MATH schema (problem, level, type, solution with a boxed answer; dealt
+    over the 7 subsets) and the MMLU schema (question, subject, four choices, answer index), so that
+    pipeline_math.sh and pipeline_mmlu.sh run offline on the tiny assets."""
+    for part, problems in (("train", train), ("test", test)):
+        for k, subset in enumerate(utils.MATH_SUBSETS):
+            write_rows(os.path.join(data_dir, "hendrycks_math", subset, f"{part}.jsonl"),
+                       [{"problem": p["question"], "level": "Level 1", "type": subset,
+                         "solution": p["answer"].split("\n#### ")[0] + f"\nSo the answer is $\\boxed{{{p['result']}}}$."}
+                        for p in problems[k::len(utils.MATH_SUBSETS)]])
+        rng = random.Random(seed + 13)
+        rows = []
+        for p in problems:
+            wrong = rng.sample([v for v in range(max(0, p["result"] - 6), p["result"] + 7) if v != p["result"]], 3)
+            at = rng.randrange(4)
+            rows.append({"question": p["question"], "subject": "elementary_mathematics",
+                         "choices": [str(v) for v in wrong[:at] + [p["result"]] + wrong[at:]], "answer": at})
+        write_rows(os.path.join(data_dir, "mmlu", "auxiliary_train.jsonl" if part == "train" else "test.jsonl"), rows)
+
+
 def make_data(out, seed, profile):
     """Write train/test jsonl (disjoint questions); return them and the teacher's own problem pool."""
     rng = random.Random(seed)
@@ -399,6 +425,7 @@ def make_data(out, seed, profile):
                          profile)
     write_jsonl(os.path.join(out, "data/gsm8k/train.jsonl"), train)
     write_jsonl(os.path.join(out, "data/gsm8k/test.jsonl"), test)
+    write_other_schemas(os.path.join(out, "data"), train, test, seed)
     warmup = profile.get("warmup")
     if warmup:  # drawn last, so profiles without a warm-up keep their data exactly
         seen = [p["question"] for p in test + train + pool]
