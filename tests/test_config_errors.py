@@ -347,7 +347,7 @@ def test_report_bad_input_is_one_error_line_and_writes_nothing(make, message, in
 # grid.py
 
 GRID_CASES = [
-    (["--grid", "nope"], "--grid must be one of paper, synth, tiny or a file of rows, got 'nope'"),
+    (["--grid", "nope"], "--grid must be one of paper, shapes, synth, tiny or a file of rows, got 'nope'"),
     (["--grid"], "argument --grid: expected one argument"),
     (["--shard", "abc"], "argument --shard: invalid int value: 'abc'"),
     (["--shard", "1.5"], "argument --shard: invalid int value: '1.5'"),
@@ -479,12 +479,13 @@ def fake_assets(inputs, tmp_path):
 
 def test_the_tiny_wrapper_passes_the_users_grid_on(inputs, tmp_path):
     res = run_driver("pipeline_tiny.sh", inputs, tmp_path, TINY_ASSETS=fake_assets(inputs, tmp_path), GRID="nope")
-    assert_one_error_line(res.returncode, res.stderr, "--grid must be one of paper, synth, tiny or a file of rows, got 'nope'")
+    assert_one_error_line(res.returncode, res.stderr, "--grid must be one of paper, shapes, synth, tiny or a file of rows, got 'nope'")
 
 
 @pytest.mark.parametrize("driver,variable", [("pipeline_tiny.sh", "TEACHER"), ("pipeline_tiny.sh", "DATASET"),
                                              ("pipeline_synth.sh", "STUDENT"), ("pipeline_math.sh", "DATASET"),
-                                             ("pipeline_mmlu.sh", "DATASET")])
+                                             ("pipeline_mmlu.sh", "DATASET"), ("pipeline_shapes.sh", "PROXY"),
+                                             ("pipeline_shapes.sh", "GRID")])
 def test_a_wrapper_refuses_a_variable_it_must_set(driver, variable, inputs, tmp_path):
     res = run_driver(driver, inputs, tmp_path, **{variable: "gsm8k_or_a_model_of_mine"})
     assert_one_error_line(res.returncode, res.stderr, f"{driver} sets {variable}=")
