@@ -29,8 +29,8 @@ from pydantic import Field  # noqa: E402
 
 from utils import (Attention, Count, Dtype, ModelPath, NonNegative, NonNegativeInt, OutputDir, Positive,  # noqa: E402
                    Seed, Settings, TracesPath, atomic_publish_dir, atomic_write_text, cap_cuda_memory, checked, die,
-                   load_config, load_model, load_tokenizer, load_traces, log, run_cli, seed_everything, to_yaml,
-                   tokenize_traces, torch_dtype)
+                   load_config, load_model, load_tokenizer, load_traces, log, peak_gpu_gib, run_cli, seed_everything,
+                   to_yaml, tokenize_traces, torch_dtype)
 
 
 def scheduler_problem(name):
@@ -224,8 +224,7 @@ def summary(cfg, trainer, result, resumed_from, counts):
         "world_size": trainer.args.world_size,
         # this process's peak, with what its allocator kept cached: what a GPU shared by several
         # students must hold for each
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available()
-        else None,
+        "peak_gpu_memory_gib": peak_gpu_gib(trainer.args.device),
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         **counts,
         "config": vars(cfg),

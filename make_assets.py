@@ -14,7 +14,7 @@ student at the same losses, to the last digit, but stopped the teacher at differ
          solutions; about 3 minutes on one H200 (146-188 s in the four runs of results/synth)
   shapes the real-shape rehearsal (pipeline_shapes.sh): untrained bf16 models with the paper's
          configs (real_shapes.yaml: a 7B R1-Distill-Qwen teacher, a Qwen2.5-3B proxy, a Llama-3.2-3B
-         student) and tokenizers with the real id layouts (151,665 and 128,256 ids), on GPU data only
+         student) and tokenizers with the real id layouts (151,665 and 128,256 ids); nothing is trained
   shapes_narrow  the same vocabularies, tokenizers and templates with 2-layer models of width 32: CI's
          check that logits are cut and aligned at the real sizes
 
@@ -228,13 +228,6 @@ def arithmetic_facts(rng, count, max_value):
     return docs
 
 
-def write_jsonl(path, problems):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for p in problems:
-            f.write(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n")
-
-
 def build_tokenizer(texts, vocab_size, specials, added, bos, eos, pad, template, qwen_split=False):
     """Byte-level BPE trained on texts; specials appended after the learned vocab, as in real checkpoints.
 
@@ -423,8 +416,9 @@ def make_data(out, seed, profile):
     train = make_problems(rng, profile["splits"]["train"], [p["question"] for p in test], profile)
     pool = make_problems(rng, profile["teacher_problems"] + profile["teacher_val"], [p["question"] for p in test],
                          profile)
-    write_jsonl(os.path.join(out, "data/gsm8k/train.jsonl"), train)
-    write_jsonl(os.path.join(out, "data/gsm8k/test.jsonl"), test)
+    for part, problems in (("train", train), ("test", test)):
+        write_rows(os.path.join(out, f"data/gsm8k/{part}.jsonl"),
+                   [{"question": p["question"], "answer": p["answer"]} for p in problems])
     write_other_schemas(os.path.join(out, "data"), train, test, seed)
     warmup = profile.get("warmup")
     if warmup:  # drawn last, so profiles without a warm-up keep their data exactly
