@@ -10,8 +10,9 @@ student at the same losses, to the last digit, but stopped the teacher at differ
   tiny   the CI pipeline's assets: one-digit problems, sub-million-parameter models; about 75 s on 2 CPU cores
   synth  the one-GPU reproduction: two-digit problems of 3-5 numbered events, traces written in varied
          styles (room for ADS to choose among correct tokens); a 25M-parameter teacher, and a proxy and
-         a student of its size pretrained on the questions and on arithmetic facts, never on
-         solutions; about 3 minutes on one H200 (146-188 s in the four runs of results/synth)
+         a student of its size pretrained on the questions and on arithmetic facts, then warmed up
+         on the teacher's traces of other problems until greedy solves 30%; about 4.5 minutes on
+         one H200 (268 s in results/synth)
   shapes the real-shape rehearsal (pipeline_shapes.sh): untrained bf16 models with the paper's
          configs (real_shapes.yaml: a 7B R1-Distill-Qwen teacher, a Qwen2.5-3B proxy, a Llama-3.2-3B
          student) and tokenizers with the real id layouts (151,665 and 128,256 ids); nothing is trained

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A small-scale reproduction on one GPU (synth v3; protocol in results/synth_v3/PROTOCOL.md): do ADS
+# A small-scale reproduction on one GPU (synth v3; protocol in results/synth/PROTOCOL.md): do ADS
 # students learn less than temperature students from traces of the same accuracy? make_assets.py
 # --profile synth trains a 25M Qwen2 teacher on synthetic word problems whose traces may carry a step
 # written wrong and redone, check lines and filler lines; a proxy (Qwen2) and a student (Llama) of its
@@ -82,7 +82,7 @@ mkdir -p "$DIAG/cold/traces"
 # two searches share a probe), side by side
 mkdir -p "$DIAG/warm/traces"
 [[ -d $DIAG/warm/traces/holdout ]] || cp -r "$EXP_DIR/traces/holdout" "$DIAG/warm/traces/holdout"
-cp -n "$EXP_DIR/student_grads.safetensors" "$DIAG/warm/student_grads.safetensors"
+[[ -f $DIAG/warm/student_grads.safetensors ]] || cp "$EXP_DIR/student_grads.safetensors" "$DIAG/warm/student_grads.safetensors"
 PIDS=()
 [[ -f $EXP_DIR/grid.txt ]] || { calibrate --exp-dir "$EXP_DIR" --proxy "$PROXY" --targets "${TARGET_LIST[@]}" \
     --permute --reference --out "$EXP_DIR/grid.txt" & PIDS+=($!); }
@@ -111,4 +111,4 @@ PIDS=($!)
 (diagnostic proxy_cold "$DIAG/grid_cold.txt" "$DIAG/cold") > >(sed -u "s/^/[diag cold] /") 2>&1 &
 PIDS+=($!)
 for pid in "${PIDS[@]}"; do wait "$pid"; done
-echo "pipeline_synth: done; the protocol's analysis: python results/synth_v3/analyze.py --exp-dir $EXP_DIR" >&2
+echo "pipeline_synth: done; the protocol's analysis: python results/synth/analyze.py --exp-dir $EXP_DIR" >&2

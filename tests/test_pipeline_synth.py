@@ -86,7 +86,7 @@ def test_the_diagnostic_distills_both_student_kinds_for_both_proxies_and_stops_b
 
 def test_the_protocol_analysis_runs_on_the_run_and_on_what_collect_keeps(synth_run, tmp_path):
     exp, _ = synth_run
-    analyze = REPO / "results" / "synth_v3"
+    analyze = REPO / "results" / "synth"
     out = subprocess.run([sys.executable, str(analyze / "analyze.py"), "--exp-dir", str(exp)], capture_output=True,
                          text=True, cwd=REPO, check=True).stdout
     assert "Verdict against the pre-registered criteria" in out and "## Diagnostic" in out
