@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+import grid
+
 REPO = Path(__file__).resolve().parent
 TAU_RANGE = (0.5, 4.0)     # where the temperature rows' search looks
 ADS_TAU_RANGE = (0.05, 4.0)  # and the ADS rows' (auto), in log space: near-greedy accuracy needs a low tau
@@ -179,17 +181,17 @@ def choose_eps(probe, args):
 
 
 def grid_lines(args, temperature, ads, eps):
-    lines = []
+    rows = []
     for t in args.targets:
         if t in temperature:
-            lines.append(f"{temperature[t][0]:.2e} 0 0")
+            rows.append(grid.Row(temperature[t][0], 0.0, 0.0))
         if t in ads:
-            lines.append(f"{args.ads_tau:.2e} {ads[t][0]:.2e} {eps:.2e}")
+            rows.append(grid.Row(args.ads_tau, ads[t][0], eps))
     if args.permute and args.targets[0] in ads:
-        lines.append(f"{args.ads_tau:.2e} {ads[args.targets[0]][0]:.2e} {eps:.2e} permute")
+        rows.append(grid.Row(args.ads_tau, ads[args.targets[0]][0], eps, "permute"))
     if args.reference:
-        lines.append(f"{args.ads_tau:.2e} 0 0")
-    return list(dict.fromkeys(lines))  # two targets can land on one row; pipeline.sh must run it once
+        rows.append(grid.Row(args.ads_tau, 0.0, 0.0))
+    return list(dict.fromkeys(row.spec for row in rows))  # two targets can land on one row; pipeline.sh must run it once
 
 
 def main(argv=None):

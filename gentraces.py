@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+import grid
 import sampling
 import utils
 from utils import die
@@ -57,13 +58,16 @@ class GenSettings(utils.Settings):
     top_k: utils.NonNegativeInt
     repetition_penalty: utils.Positive
     ads_mode: Literal["fd", "jvp"]
-    ads_control: Literal["none", "permute"]
+    ads_control: Literal[("none", *grid.CONTROLS)]
     answer_force: bool
     answer_force_tokens: utils.Count
     engine: Literal["auto", "eager", "reference"]
     exp_dir: utils.OutputDir
     trace_name: utils.Name
     trace_colname: utils.Name
+    role: Literal["holdout", "train", "teacher_eval", "student_eval", "other"]
+    grid_row: str | None
+    student_seed: utils.Seed | None
 
     def problems(self, context):
         out = []
@@ -80,11 +84,27 @@ class GenSettings(utils.Settings):
             missing = [str(p) for p in utils.local_source_files(self.data_split, self.data_dir) if not p.is_file()]
             if missing:
                 out.append(f"data_split={self.data_split} reads {missing[0]}, which does not exist")
+        out += self.row_problems()
         if self.ads_control != "none" and not self.lam:
             out.append(f"ads_control={self.ads_control} permutes the ADS penalty; it needs lam != 0")
         if self.lam:
             out += self.ads_problems(context)
         return out
+
+    def row_problems(self):
+        """The row a trace set records must be the row it samples: a train or teacher-eval set samples
+        with the row's own settings (a student eval decodes greedily, whatever its row)."""
+        if self.grid_row is None:
+            return ["role=train needs grid_row (the row whose train traces these are)"] if self.role == "train" else []
+        try:
+            row = grid.parse_row(self.grid_row)
+        except ValueError as e:
+            return [f"grid_row: {e}"]
+        eps = row.eps if self.eps == "auto" or not self.lam else float(self.eps)
+        if self.role in ("train", "teacher_eval") and grid.Row(self.tau, self.lam, eps, self.ads_control).name != row.name:
+            return [f"grid_row={self.grid_row!r} is not what this run samples (tau={self.tau} lam={self.lam} "
+                    f"eps={self.eps} ads_control={self.ads_control})"]
+        return []
 
     def ads_problems(self, context):
         """With lam != 0 the proxy and the gradient are used, and the score divides by tau and eps."""
@@ -372,6 +392,8 @@ def save_outputs(cfg, rows, stats, diagnostics):
         "name": name, "path": str(traces / name), "data_split": cfg.data_split, "model": cfg.teacher,
         "tau": float(cfg.tau), "lam": float(cfg.lam or 0.0), "eps": float(diagnostics["eps"]),
         "n": stats["n"], "raw_accuracy": stats["raw_accuracy"], "af_accuracy": stats["af_accuracy"],
+        "role": cfg.role, "row": grid.parse_row(cfg.grid_row).fields() if cfg.grid_row else None,
+        "student_seed": cfg.student_seed,
         **{k: diagnostics[k] for k in FD_REGISTRY_KEYS if k in diagnostics}})
     tmp_dir = traces / f".{name}.tmp-{os.getpid()}"
     ds.save_to_disk(str(tmp_dir))

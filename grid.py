@@ -1,14 +1,22 @@
-"""Print the (tau, lam, eps) sweep, one row per line as `tau lam eps` in %.2e.
+"""The one place that knows a grid row: its fields, its kind and its name; prints a sweep, one row per line.
 
-A control row adds a fourth field naming its control (`permute`: the ADS penalty shuffled over the
-vocabulary at every step, the paper's check that the gradient signal matters). Rows are shuffled with
-random.Random(42), so any shard or any prefix of the sweep mixes the series; the order is the same on
-every machine. Edit GRIDS to change the sweep.
+A row is (tau, lam, eps, control). Its kind: `temperature` when lam = 0 (plain sampling, no proxy),
+`ads` when lam != 0, `control` when an ADS row applies a control to its penalty (`permute`: the penalty
+shuffled over the vocabulary at every step, the paper's check that the gradient signal matters). Its
+name (`tau{:.2e}_lam{:.2e}_eps{:.2e}[_control]`) names its traces, students and evals. The drivers read
+the printed fields and pass `grid_row` to gentraces.py, which records the row's fields in every registry
+line, so report.py reads fields, never names. Rows are shuffled with random.Random(42), so any shard or
+any prefix of the sweep mixes the series; the order is the same on every machine. Edit GRIDS to change
+the sweep.
+
+Prints `name kind tau lam eps control` per row (tau, lam, eps in %.2e; control `none` or its name);
+`--spec` prints the grid-file format instead, `tau lam eps [control]`, which --grid FILE reads and
+calibrate.py writes.
 
     python grid.py                                   # the paper's 59 rows
     python grid.py --grid synth                      # the one-GPU reproduction: temperature, ADS, permuted ADS
     python grid.py --grid tiny --shard 1 --num-shards 4
-    python grid.py --grid exp/synth/grid.txt         # rows from a file in this format (calibrate.py writes one)
+    python grid.py --grid exp/synth/grid.txt --spec  # rows from a file in the grid-file format
 """
 import argparse
 import random
@@ -53,28 +61,59 @@ ADS_MAX_TAU = 1.0  # the paper pairs ADS with tau <= 1 and compares against hott
 SHUFFLE_SEED = 42  # the reference's seed; changing it reorders (and re-shards) every sweep
 
 
+CONTROLS = ("permute",)  # gentraces.py's ads_control values other than none
+
+
 class Row(NamedTuple):
     tau: float
     lam: float
     eps: float
     control: str = "none"  # none, or the gentraces.py ads_control that the row applies to its ADS penalty
 
+    @property
+    def kind(self) -> str:
+        """temperature (lam = 0: no proxy, whatever eps says), ads, or control."""
+        return "temperature" if self.lam == 0 else "ads" if self.control == "none" else "control"
 
-def row_name(tau: float, lam: float, eps: float, control: str = "none") -> str:
-    """The name every stage uses for a grid row's traces, models and evals."""
-    return f"tau{tau:.2e}_lam{lam:.2e}_eps{eps:.2e}" + ("" if control == "none" else f"_{control}")
+    @property
+    def name(self) -> str:
+        """The name every stage uses for the row's traces, models and evals."""
+        return f"tau{self.tau:.2e}_lam{self.lam:.2e}_eps{self.eps:.2e}" + ("" if self.control == "none" else f"_{self.control}")
+
+    @property
+    def spec(self) -> str:
+        """The row in the grid-file format (what --grid FILE reads and gentraces' grid_row takes)."""
+        return f"{self.tau:.2e} {self.lam:.2e} {self.eps:.2e}" + ("" if self.control == "none" else f" {self.control}")
+
+    def fields(self) -> dict:
+        """What a registry line records of its row: the values at the printed precision."""
+        tau, lam, eps = (float(f"{v:.2e}") for v in self[:3])
+        return {"name": self.name, "kind": self.kind, "tau": tau, "lam": lam, "eps": eps, "control": self.control}
+
+
+def parse_row(spec: str) -> Row:
+    """A row from one line of the grid-file format (a fourth field `none` is no control, as grid.py prints
+    it); ValueError says what is wrong."""
+    fields = spec.split()
+    if len(fields) not in (3, 4) or fields[3:] not in ([], ["none"], *([c] for c in CONTROLS)):
+        raise ValueError(f"expected 'tau lam eps [{'|'.join(CONTROLS)}]', got {spec!r}")
+    try:
+        row = Row(*map(float, fields[:3]), *fields[3:])
+    except ValueError:
+        raise ValueError(f"expected 'tau lam eps [{'|'.join(CONTROLS)}]' with numbers, got {spec!r}") from None
+    if row.control != "none" and row.kind == "temperature":
+        raise ValueError(f"a control ({row.control}) acts on the ADS penalty, which lam = 0 does not have: {spec!r}")
+    return row
 
 
 def read_rows(path: Path) -> list[Row]:
-    """Rows from a file in this script's own output format, in the file's order."""
+    """Rows from a grid file, in the file's order."""
     rows = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split()
         try:
-            rows.append(Row(*map(float, fields[:3]), *fields[3:4]))
-            assert len(fields) in (3, 4) and fields[3:] in ([], ["permute"])
-        except (ValueError, TypeError, AssertionError):
-            print(f"error: {path}:{lineno}: expected 'tau lam eps [permute]', got {line!r}", file=sys.stderr)
+            rows.append(parse_row(line))
+        except ValueError as e:
+            print(f"error: {path}:{lineno}: {e}", file=sys.stderr)
             sys.exit(2)
     return rows
 
@@ -89,7 +128,7 @@ def grid_rows(name: str) -> list[Row]:
         if tau <= ADS_MAX_TAU:
             ads = [Row(float(tau), float(b * spec["eps"]), float(spec["eps"])) for b in spec["lam_over_eps"]]
             rows += ads
-            rows += [row._replace(control=c) for c in spec.get("controls", []) for row in ads if row.lam > 0]
+            rows += [row._replace(control=c) for c in spec.get("controls", []) for row in ads if row.kind == "ads"]
         else:
             rows.append(Row(float(tau), 0.0, 0.0))
     random.Random(SHUFFLE_SEED).shuffle(rows)
@@ -117,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="print only this shard, 0-based (default: 0)")
     parser.add_argument("--num-shards", type=int, default=1,
                         help="number of shards, e.g. nodes or array jobs (default: 1)")
+    parser.add_argument("--spec", action="store_true",
+                        help="print rows in the grid-file format 'tau lam eps [control]' instead of their fields")
     args = parser.parse_args(argv)
     if args.grid not in GRIDS and not Path(args.grid).is_file():
         parser.error(f"--grid must be one of {', '.join(sorted(GRIDS))} or a file of rows, got {args.grid!r}")
@@ -130,9 +171,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rows = shard_rows(grid_rows(args.grid), args.shard, args.num_shards)
+    lines = [r.spec if args.spec else " ".join(map(str, (r.name, r.kind, *r.spec.split()[:3], r.control)))
+             for r in rows]
     # One newline per row and nothing else: an empty shard prints nothing, never a blank line.
-    print("".join(f"{r.tau:.2e} {r.lam:.2e} {r.eps:.2e}" + ("" if r.control == "none" else f" {r.control}") + "\n"
-                  for r in rows), end="")
+    print("".join(line + "\n" for line in lines), end="")
 
 
 if __name__ == "__main__":

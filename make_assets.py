@@ -29,7 +29,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import shutil
 import string
 import tempfile
@@ -54,7 +53,6 @@ LOSSES = ["gives {n} to {other}", "loses {n}", "sells {n}", "uses {n}", "gives {
 OPENINGS = ["{name} has {n} {obj}.", "{name} starts with {n} {obj}."]
 ASKS = ["How many {obj} does {name} have now?", "How many {obj} does {name} end up with?",
         "How many {obj} does {name} have at the end?"]
-FORCE = "\n\n**Final Answer**\n\\[\\boxed{"  # the pipeline's answer-forcing suffix
 AF_FRACTION = 0.2  # share of teacher examples that teach answer forcing
 # How a step may be written in a synth trace; the teacher learns them all with equal weight, so its
 # sampling distribution keeps real choices among correct continuations (as a language model's does).
@@ -259,13 +257,13 @@ def load_system_prompt():
         return yaml.safe_load(f)["system_prompt"]
 
 
-def render_prompt(tok, system_prompt, question):
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def count_tokens(tok, text):
     return len(tok(text, add_special_tokens=False).input_ids)
+
+
+def max_prompt_tokens(tok, system_prompt, problems):
+    """The longest generation prompt of problems, in tokens, as the pipeline renders it."""
+    return max(count_tokens(tok, utils.render_generation_prompt(tok, system_prompt, p["question"])) for p in problems)
 
 
 def padded_vocab(n, multiple):
@@ -274,21 +272,21 @@ def padded_vocab(n, multiple):
 
 
 def teacher_examples(tok, problems, system_prompt, rng, styles, extras=None):
-    """(ids, labels) pairs: prompt -> trace + eos, or prompt + trace + FORCE -> `N}\\]` + eos.
+    """(ids, labels) pairs: prompt -> trace + eos, or prompt + trace + AF_SUFFIX -> `N}\\]` + eos.
 
     The prompt itself is a target too: predicting the question's repeated names and objects grows the
     copy circuit the trace needs (with a completion-only loss 500 steps leave the teacher near 25%).
     """
     prompts, contexts, targets = [], [], []
     for p in problems:
-        prompts.append(render_prompt(tok, system_prompt, p["question"]))
+        prompts.append(utils.render_generation_prompt(tok, system_prompt, p["question"]))
         trace = reasoning(p, rng if styles else None, extras)
         if rng.random() < AF_FRACTION:
             if rng.random() < 0.3:  # truncated traces, as max_length or a poisoned sample would leave them
                 trace = trace[:rng.randint(0, len(trace))]
             if "</think>" not in trace:
                 trace += "\n</think>"
-            contexts.append(trace + FORCE)
+            contexts.append(trace + utils.AF_SUFFIX)
             targets.append(f"{p['result']}}}\\]")
         else:
             contexts.append("")
@@ -362,11 +360,6 @@ def greedy_completions(model, tok, prompts, max_new_tokens=64):
     return tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def last_boxed(text):
-    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return found[-1].strip() if found else None
-
-
 def new_model(cls, config_cls, seed, device, **kw):
     torch.manual_seed(seed)
     return cls(config_cls(tie_word_embeddings=False, max_position_embeddings=2048, dtype="float32", **kw)).to(device)
@@ -436,8 +429,8 @@ def teacher_pool(pool, profile):
 def make_tokenizers(pool, system_prompt, profile):
     """Teacher/proxy tokenizer (R1-Distill-like) and a student tokenizer with another vocabulary."""
     rng = random.Random(0) if profile["styles"] else None
-    corpus = [system_prompt, FORCE] + [t for p in pool for t in (p["question"], p["answer"],
-                                                                   reasoning(p, rng, profile.get("extras")))]
+    corpus = [system_prompt, utils.AF_SUFFIX] + [t for p in pool for t in (p["question"], p["answer"],
+                                                                           reasoning(p, rng, profile.get("extras")))]
     vocab = profile["vocab"]
     teacher = build_tokenizer(corpus, vocab["teacher"], TEACHER_SPECIALS, ["<think>", "</think>"], bos=TEACHER_SPECIALS[3],
                               eos=TEACHER_SPECIALS[0], pad=TEACHER_SPECIALS[0], template=TEACHER_TEMPLATE,
@@ -449,18 +442,18 @@ def make_tokenizers(pool, system_prompt, profile):
 
 def greedy_accuracy(model, tok, system_prompt, problems, max_new_tokens=64):
     """Share of problems whose greedy trace boxes the right answer, and the traces."""
-    prompts = [render_prompt(tok, system_prompt, p["question"]) for p in problems]
+    prompts = [utils.render_generation_prompt(tok, system_prompt, p["question"]) for p in problems]
     completions = greedy_completions(model, tok, prompts, max_new_tokens)
-    correct = sum(last_boxed(c) == str(p["result"]) for c, p in zip(completions, problems))
+    correct = sum(utils.extract_boxed(c) == str(p["result"]) for c, p in zip(completions, problems))
     return correct / len(problems), completions
 
 
 def forced_accuracy(model, tok, system_prompt, problems, completions):
-    """Share answered right by the pipeline's answer forcing: trace, closing </think> if missing, FORCE."""
-    contexts = [render_prompt(tok, system_prompt, p["question"]) + c + ("" if "</think>" in c else "\n</think>")
-                + FORCE for p, c in zip(problems, completions)]
+    """Share answered right by the pipeline's answer forcing: trace, closing </think> if missing, AF_SUFFIX."""
+    contexts = [utils.render_generation_prompt(tok, system_prompt, p["question"]) + c
+                + ("" if "</think>" in c else "\n</think>") + utils.AF_SUFFIX for p, c in zip(problems, completions)]
     forced = greedy_completions(model, tok, contexts, max_new_tokens=32)
-    return sum(f.split("}")[0].strip() == str(p["result"]) for f, p in zip(forced, problems)) / len(problems)
+    return sum(utils.forced_answer(f) == str(p["result"]) for f, p in zip(forced, problems)) / len(problems)
 
 
 def train_teacher(tok, pool, system_prompt, seed, profile, device):
@@ -575,12 +568,12 @@ def warmup_completions(teacher_path, tok, system_prompt, problems, seed, profile
     gentraces.py stores them."""
     warmup = profile["warmup"]
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).to(job_device()).eval()
-    prompts = [render_prompt(tok, system_prompt, p["question"]) for p in problems]
+    prompts = [utils.render_generation_prompt(tok, system_prompt, p["question"]) for p in problems]
     samples = sampled_completions(teacher, tok, prompts, warmup["tau"], seed, profile["max_new_tokens"])
     rng = random.Random(seed + 7)
     completions, from_teacher = [], 0
     for p, sample in zip(problems, samples):
-        if last_boxed(sample) == str(p["result"]) and rng.random() < warmup["teacher_share"]:
+        if utils.extract_boxed(sample) == str(p["result"]) and rng.random() < warmup["teacher_share"]:
             completions.append("<think>\n" + sample)
             from_teacher += 1
         else:
@@ -735,10 +728,8 @@ def build(out, seed, profile):
         "final_loss": {name: done[name]["loss"] for name in done},
         "teacher_steps": teacher["steps"],
         "teacher_test_accuracy": {"greedy": teacher["greedy"], "answer_forced": teacher["answer_forced"]},
-        "max_tokens": {"teacher_prompt": max(count_tokens(ttok, render_prompt(ttok, system_prompt, p["question"]))
-                                             for p in test),
-                       "student_prompt": max(count_tokens(stok, render_prompt(stok, system_prompt, p["question"]))
-                                             for p in test),
+        "max_tokens": {"teacher_prompt": max_prompt_tokens(ttok, system_prompt, test),
+                       "student_prompt": max_prompt_tokens(stok, system_prompt, test),
                        "teacher_completion": teacher["max_completion"]},
         "warmup": warm,
         "device": job_device().type,

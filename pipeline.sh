@@ -2,7 +2,8 @@
 # Antidistillation sampling end to end: holdout traces -> proxy gradient -> for each grid row
 # (train traces -> distilled student -> student eval -> teacher eval) -> report.
 # Every stage is skipped when its output exists, so a killed run is resumed by running it again.
-# With PARALLEL > 1, the references and the rows that need no gradient start beside the first two stages.
+# Two phases: first the holdout traces, the gradient, the references and the train traces of the rows
+# that need no gradient (side by side when PARALLEL > 1); then every row's remaining stages.
 #
 #   bash pipeline.sh                                    # GSM8K, paper models, one 8-GPU node
 #   EXP_DIR=exp/gsm8k SHARD=0 NUM_SHARDS=4 bash pipeline.sh   # a quarter of the grid (one node of four)
@@ -16,7 +17,7 @@ TEACHER=${TEACHER:-deepseek-ai/DeepSeek-R1-Distill-Qwen-7B}
 PROXY=${PROXY:-Qwen/Qwen2.5-3B}
 STUDENT=${STUDENT:-meta-llama/Llama-3.2-3B}
 STUDENT_TOKENIZER=${STUDENT_TOKENIZER:-meta-llama/Llama-3.2-3B-Instruct}   # the base model has no chat template
-GRID=${GRID:-paper}                           # a grid name from grid.py
+GRID=${GRID:-paper}                           # a grid name from grid.py, or a grid file
 SHARD=${SHARD:-0}
 NUM_SHARDS=${NUM_SHARDS:-1}
 PARALLEL=${PARALLEL:-1}                       # grid rows run at once on this machine (small models share a GPU)
@@ -36,7 +37,8 @@ read -ra TRAIN_EXTRA <<<"${TRAIN_ARGS:-}"
 read -ra REPORT_EXTRA <<<"${REPORT_ARGS:-}"    # e.g. --metric raw
 read -ra LAUNCHER <<<"$LAUNCH"
 
-# the grid rows of this shard, read before any stage runs so a bad grid or shard fails at once
+# the grid rows of this shard (grid.py's fields: name kind tau lam eps control), read before any stage
+# runs so a bad grid or shard fails at once
 [[ $PARALLEL =~ ^[1-9][0-9]*$ ]] || { echo "pipeline: PARALLEL must be a positive integer, got '$PARALLEL'" >&2; exit 2; }
 [[ -z $ROW_GPUS || $ROW_GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] \
     || { echo "pipeline: ROW_GPUS must be comma-separated GPU indices such as 0,1, got '$ROW_GPUS'" >&2; exit 2; }
@@ -89,7 +91,7 @@ stage() {
 prepare() {
     if [[ ! -d $TRACES/holdout ]]; then
         stage "holdout traces"
-        gentraces teacher="$TEACHER" data_split="${DATASET}_holdout" tau=0 lam=0 \
+        gentraces teacher="$TEACHER" data_split="${DATASET}_holdout" tau=0 lam=0 role=holdout \
             max_samples="$HOLDOUT_MAX_SAMPLES" batch_size="$BATCH" trace_name=holdout
     fi
     if [[ ! -f $GRADS ]]; then
@@ -98,66 +100,74 @@ prepare() {
     fi
 }
 
-# with parallel rows, prepare() runs beside the temperature rows and the references, which need
-# neither of its outputs until their distill; a stage that needs one waits here for it (both are
-# renamed into place when complete), and fails once prepare() has ended (its exit status is in
-# PREP_STATUS, a name of this run's own) without making it; run serially, prepare() has already ended
-PREP_STATUS=$EXP_DIR/logs/.prepare.$$.status
-await() {
-    [[ -z ${CHECKING:-} ]] || return 0
-    while [[ ! -e $1 ]]; do
-        if ((PARALLEL == 1)) || [[ -s $PREP_STATUS && ! -e $1 ]]; then
-            echo "pipeline: $1 was not made: the holdout or gradient stage failed (see the [prepare] lines)" >&2
-            return 1
-        fi
-        sleep 2
-    done
+# references: the teacher greedy on the test split, and the undistilled student (the plot's baseline)
+run_references() {
+    if [[ ! -d $TRACES/eval_teacher_base ]]; then
+        stage "teacher greedy eval"
+        gentraces teacher="$TEACHER" data_split="${DATASET}_test" tau=0 lam=0 role=teacher_eval \
+            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_teacher_base
+    fi
+    if [[ ! -d $TRACES/eval_student_base ]]; then
+        stage "undistilled student eval"
+        gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \
+            role=student_eval max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_student_base
+    fi
+}
+
+# a grid row's sampling settings, from grid.py's fields (NAME KIND TAU LAM EPS CONTROL): the row is
+# recorded in every registry line of its stages (grid_row), and ADS rows (any kind but temperature)
+# sample with three models, so with fewer slots
+row_settings() {
+    ROW_SPEC="$3 $4 $5 $6"
+    ROW=(tau="$3" lam="$4" eps="$5" ads_control="$6" grad_path="$GRADS" grid_row="$ROW_SPEC")
+    ROW_BATCH=$BATCH
+    [[ $2 == temperature ]] || ROW_BATCH=$ADS_BATCH
+}
+
+# 3. a row's train traces
+row_traces() {
+    local ROW ROW_BATCH ROW_SPEC
+    row_settings "$@"
+    if [[ ! -d $TRACES/$1 ]]; then
+        stage "$1: train traces"
+        gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_train" "${ROW[@]}" role=train \
+            max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="$1"
+    fi
 }
 
 # 4-5. one student of a row: distilled on the row's train traces, then evaluated greedily on the test
 # split; named as the row, with _seedN when SEEDS is set; further arguments go to distill.py
 run_student() {
-    local TRACE_NAME=$1 NAME=$2 MODEL_DIR=$MODELS/student_$2
-    shift 2
+    local NAME=$1 STUDENT_NAME=$2 SEED=$3 MODEL_DIR=$MODELS/student_$2
+    shift 3
     if [[ ! -d $MODEL_DIR/final ]]; then
-        await "$TRACES/holdout"
-        stage "$NAME: distill"
+        stage "$STUDENT_NAME: distill"
         launch distill.py student="$STUDENT" student_tokenizer="$STUDENT_TOKENIZER" \
-            train_traces="$TRACES/$TRACE_NAME" eval_traces="$TRACES/holdout" output_dir="$MODEL_DIR" \
-            "${TRAIN_EXTRA[@]}" "$@"
+            train_traces="$TRACES/$NAME" eval_traces="$TRACES/holdout" output_dir="$MODEL_DIR" \
+            "${TRAIN_EXTRA[@]}" ${SEED:+seed="$SEED"}
     fi
-    if ((SKIP_EVALS == 0)) && [[ ! -d $TRACES/eval_student_$NAME ]]; then
-        stage "$NAME: student eval"
-        gentraces teacher="$MODEL_DIR/final" data_split="${DATASET}_test" tau=0 lam=0 \
-            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$NAME"
+    if ((SKIP_EVALS == 0)) && [[ ! -d $TRACES/eval_student_$STUDENT_NAME ]]; then
+        stage "$STUDENT_NAME: student eval"
+        gentraces teacher="$MODEL_DIR/final" data_split="${DATASET}_test" tau=0 lam=0 role=student_eval \
+            grid_row="$ROW_SPEC" ${SEED:+student_seed="$SEED"} \
+            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$STUDENT_NAME"
     fi
 }
 
-# 3-6. one grid row: tau lam eps [control], names use %.2e; lam = 0 is plain temperature sampling
+# 3-6. one grid row: its train traces, its students (one per seed of SEEDS, side by side when
+# PARALLEL > 1: small models), then the teacher's eval with the row's sampling settings
 run_row() {
-    local TAU=$1 LAM=$2 EPS=$3 CONTROL=${4:-none} NAME ROW ROW_BATCH=$BATCH ADS=false SEED
-    [[ $LAM == 0.00e+00 ]] || { ADS=true; ROW_BATCH=$ADS_BATCH; }  # ADS: three models, and the gradient
-    NAME=tau${TAU}_lam${LAM}_eps${EPS}
-    ROW=(tau="$TAU" lam="$LAM" eps="$EPS" grad_path="$GRADS")
-    if [[ $CONTROL != none ]]; then
-        NAME=${NAME}_$CONTROL
-        ROW+=(ads_control="$CONTROL")
-    fi
-
-    if [[ ! -d $TRACES/$NAME ]]; then
-        if $ADS; then await "$GRADS"; fi
-        stage "$NAME: train traces"
-        gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_train" "${ROW[@]}" \
-            max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="$NAME"
-    fi
+    local NAME=$1 ROW ROW_BATCH ROW_SPEC SEED
+    row_traces "$@"
+    row_settings "$@"
     if [[ -z $SEEDS ]]; then
-        run_student "$NAME" "$NAME"
+        run_student "$NAME" "$NAME" ""
     elif ((PARALLEL == 1)); then
-        for SEED in $SEEDS; do run_student "$NAME" "${NAME}_seed$SEED" seed="$SEED"; done
-    else  # small models: the row's students train side by side
+        for SEED in $SEEDS; do run_student "$NAME" "${NAME}_seed$SEED" "$SEED"; done
+    else
         local pids=() failed=0
         for SEED in $SEEDS; do
-            run_student "$NAME" "${NAME}_seed$SEED" seed="$SEED" &
+            run_student "$NAME" "${NAME}_seed$SEED" "$SEED" &
             pids+=($!)
         done
         for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
@@ -165,37 +175,23 @@ run_row() {
     fi
     ((SKIP_EVALS == 0)) || return 0
     if [[ ! -d $TRACES/eval_teacher_$NAME ]]; then
-        if $ADS; then await "$GRADS"; fi
         stage "$NAME: teacher eval"
-        gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_test" "${ROW[@]}" \
+        gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_test" "${ROW[@]}" role=teacher_eval \
             max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="eval_teacher_$NAME"
     fi
 }
 
-# references: the teacher greedy on the test split, and the undistilled student (the plot's baseline);
-# they need no grid row, so with parallel rows they run beside them
-run_references() {
-    if [[ ! -d $TRACES/eval_teacher_base ]]; then
-        stage "teacher greedy eval"
-        gentraces teacher="$TEACHER" data_split="${DATASET}_test" tau=0 lam=0 \
-            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_teacher_base
-    fi
-    if [[ ! -d $TRACES/eval_student_base ]]; then
-        stage "undistilled student eval"
-        gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \
-            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_student_base
-    fi
-}
-
-# rows are dealt round-robin to PARALLEL loops; a failed row stops its loop and fails the pipeline
-# once the other loops are done (their finished rows are kept, so a rerun does only what is left)
+# row loop j: FN on rows j, j + PARALLEL, ... of the grid (of kind KIND only, when given)
 row_loop() {
-    local i fields
-    for ((i = $1; i < ${#ROWS[@]}; i += PARALLEL)); do
-        read -ra fields <<<"${ROWS[i]}"
-        run_row "${fields[@]}"
+    local j=$1 fn=$2 kind=${3:-} i=0 fields line
+    for line in "${ROWS[@]}"; do
+        read -ra fields <<<"$line"
+        [[ -z $kind || ${fields[1]} == "$kind" ]] || continue
+        if ((i % PARALLEL == j)); then "$fn" "${fields[@]}"; fi
+        i=$((i + 1))
     done
 }
+
 # every stage's settings, for every row of this shard, checked in one plain process before the first
 # launch, so a typo in GEN_ARGS fails in seconds rather than after stage 2: a dry run of the stages
 # writes down each command it would launch (stages whose output exists are skipped, as in the run),
@@ -204,7 +200,7 @@ row_loop() {
     CHECKING=1 PARALLEL=1
     prepare
     if ((PREPARE_ONLY == 0)); then
-        row_loop 0
+        row_loop 0 run_row
         if ((SKIP_EVALS == 0)); then
             run_references
             printf '%q ' "${REPORT[@]}"
@@ -218,36 +214,48 @@ if ((PREPARE_ONLY)); then
     prepare
     exit 0
 fi
-if ((PARALLEL == 1)); then
-    prepare
-    row_loop 0
-    ((SKIP_EVALS)) || run_references
-else
-    # rows that need no gradient go first (in grid order, then the others), so no loop idles while
-    # prepare() runs
-    [[ -z $GRID_ROWS ]] || mapfile -t ROWS < <(printf '%s\n' "${ROWS[@]}" \
-        | awk '$2 == "0.00e+00" {print; next} {later[n++] = $0} END {for (i = 0; i < n; i++) print later[i]}')
-    trap 'rm -f "$PREP_STATUS"' EXIT
-    (trap 'echo $? > "$PREP_STATUS"' EXIT; prepare) > >(sed -u "s/^/[prepare] /") 2>&1 &
-    PIDS=($!)
-    if ((SKIP_EVALS == 0)); then
-        (run_references) > >(sed -u "s/^/[references] /") 2>&1 &
-        PIDS+=($!)
+
+# a phase's jobs: one after the other when PARALLEL = 1 (a failure stops the pipeline at once), else
+# side by side, each line of a job's output prefixed with its label
+PIDS=()
+job() {
+    local label=$1
+    shift
+    if ((PARALLEL == 1)); then
+        "$@"
+        return
     fi
-    for ((j = 0; j < PARALLEL; j++)); do
-        (
-            if ((${#GPU_LIST[@]})); then
-                export CUDA_VISIBLE_DEVICES=${GPU_LIST[j % ${#GPU_LIST[@]}]}
-                echo "on GPU $CUDA_VISIBLE_DEVICES"
-            fi
-            row_loop "$j"
-        ) > >(sed -u "s/^/[rows $j] /") 2>&1 &
-        PIDS+=($!)
-    done
-    FAILED=0  # the exit status: 2 when every failed loop stopped on a user error, else 1
-    for pid in "${PIDS[@]}"; do wait "$pid" || { s=$?; FAILED=$(((FAILED == 0 || FAILED == 2) && s == 2 ? 2 : 1)); }; done
-    ((FAILED == 0)) || { echo "pipeline: a grid row, a reference or the holdout/gradient stage failed; see the [rows N], [references] and [prepare] lines above" >&2; exit "$FAILED"; }
-fi
+    "$@" > >(sed -u "s/^/[$label] /") 2>&1 &
+    PIDS+=($!)
+}
+# row loop J on GPU J mod the count of ROW_GPUS (on every GPU when ROW_GPUS is empty)
+rows_on_gpu() {
+    (
+        if ((PARALLEL > 1 && ${#GPU_LIST[@]})); then
+            export CUDA_VISIBLE_DEVICES=${GPU_LIST[$1 % ${#GPU_LIST[@]}]}
+            echo "on GPU $CUDA_VISIBLE_DEVICES"
+        fi
+        row_loop "$@"
+    )
+}
+# wait for the phase's jobs; a failed job fails the pipeline once the others are done (their finished
+# stages are kept, so a rerun does only what is left), with exit status 2 when every failure was a
+# user error, else 1
+wait_jobs() {
+    local failed=0 pid s
+    for pid in "${PIDS[@]}"; do wait "$pid" || { s=$?; failed=$(((failed == 0 || failed == 2) && s == 2 ? 2 : 1)); }; done
+    PIDS=()
+    ((failed == 0)) || { echo "pipeline: a stage failed; see the [prepare], [references] and [rows N] lines above" >&2; exit "$failed"; }
+}
+
+# phase 1: what needs neither the holdout traces nor the gradient runs beside their making
+job prepare prepare
+((SKIP_EVALS)) || job references run_references
+for ((j = 0; j < PARALLEL; j++)); do job "rows $j" rows_on_gpu "$j" row_traces temperature; done
+wait_jobs
+# phase 2: every row's remaining stages, rows dealt to PARALLEL loops in grid order
+for ((j = 0; j < PARALLEL; j++)); do job "rows $j" rows_on_gpu "$j" run_row; done
+wait_jobs
 
 ((SKIP_EVALS == 0)) || exit 0
 # report: table and trade-off plot over every row finished so far (all shards share EXP_DIR)

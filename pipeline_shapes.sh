@@ -42,16 +42,16 @@ export GEN_ARGS="data_dir=$ASSETS/data ${GEN_ARGS:-}"
 if [[ $STAGES == first ]]; then
     # the stages where the four vocabularies meet, without distillation: what CI runs on CPU
     PREPARE_ONLY=1 bash pipeline.sh
-    read -r TAU LAM EPS < <(python grid.py --grid shapes | awk '$2 != "0.00e+00"')
+    read -r NAME _ TAU LAM EPS CONTROL < <(python grid.py --grid shapes | awk '$2 == "ads"')
     read -ra GEN <<<"$GEN_ARGS"
     TRACES=$EXP_DIR/traces
-    [[ -d $TRACES/tau${TAU}_lam${LAM}_eps${EPS} ]] || python gentraces.py teacher="$TEACHER" proxy="$PROXY" \
-        data_split=gsm8k_train tau="$TAU" lam="$LAM" eps="$EPS" grad_path="$EXP_DIR/student_grads.safetensors" \
-        exp_dir="$EXP_DIR" max_samples="$MAX_SAMPLES" batch_size="${ADS_BATCH:-192}" \
-        trace_name="tau${TAU}_lam${LAM}_eps${EPS}" "${GEN[@]}"
+    [[ -d $TRACES/$NAME ]] || python gentraces.py teacher="$TEACHER" proxy="$PROXY" data_split=gsm8k_train \
+        tau="$TAU" lam="$LAM" eps="$EPS" ads_control="$CONTROL" grid_row="$TAU $LAM $EPS $CONTROL" role=train \
+        grad_path="$EXP_DIR/student_grads.safetensors" exp_dir="$EXP_DIR" max_samples="$MAX_SAMPLES" \
+        batch_size="${ADS_BATCH:-192}" trace_name="$NAME" "${GEN[@]}"
     [[ -d $TRACES/eval_student_base ]] || python gentraces.py teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" \
-        data_split=gsm8k_test tau=0 lam=0 exp_dir="$EXP_DIR" max_samples="$MAX_SAMPLES" trace_name=eval_student_base \
-        "${GEN[@]}"
+        data_split=gsm8k_test tau=0 lam=0 role=student_eval exp_dir="$EXP_DIR" max_samples="$MAX_SAMPLES" \
+        trace_name=eval_student_base "${GEN[@]}"
     exit 0
 fi
 exec bash pipeline.sh

@@ -1,8 +1,9 @@
 """Summarise a sweep: a markdown table, the teacher-vs-student accuracy trade-off plot, and the gap.
 
-Reads EXP_DIR/metadata/trace_registry.jsonl (the last line of a name wins), pairs each grid row's
-`eval_teacher_{row}` and `eval_student_{row}` entries, and writes EXP_DIR/tradeoff.png, then
-EXP_DIR/report.md (the stage's sentinel, so it is written last and renamed into place).
+Reads EXP_DIR/metadata/trace_registry.jsonl (the last line of a name wins), groups the teacher and
+student evals by the grid row that each line records (its fields, from grid.py; names are never
+parsed), and writes EXP_DIR/tradeoff.png, then EXP_DIR/report.md (the stage's sentinel, so it is
+written last and renamed into place).
 
 The gap is the mean over matched teacher accuracy of student(ADS) - student(temperature), each curve
 linearly interpolated through its rows, over the teacher-accuracy range both series cover; negative
@@ -16,7 +17,6 @@ answer-forced accuracy (the paper's), or with --metric raw the answer boxed in t
 """
 import json
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -29,11 +29,8 @@ from utils import die
 matplotlib.use("Agg")  # no display on the nodes; must precede pyplot
 import matplotlib.pyplot as plt
 
-# Row names are grid.row_name's `tau{:.2e}_lam{:.2e}_eps{:.2e}`; other names (train traces, holdout,
-# eval_teacher_base, eval_student_base) do not match.
-NUM = r"(-?\d\.\d+e[+-]\d+)"
-EVAL_NAME = re.compile(rf"^eval_(teacher|student)_tau{NUM}_lam{NUM}_eps{NUM}(?:_(permute))?(?:_seed(\d+))?$")
 PERMUTED = "ADS, permuted penalty"  # the control series: same score, penalty shuffled over the vocabulary
+SERIES = {"ads": "ADS", "control": PERMUTED, "temperature": "temperature"}  # grid.Row.kind -> series label
 SERIES_STYLE = {"ADS": dict(marker="o", color="tab:red"), PERMUTED: dict(marker="^", color="tab:gray"),
                 "temperature": dict(marker="s", color="tab:blue")}
 # metric -> (registry key, per-problem parquet column, axis wording)
@@ -58,6 +55,9 @@ def load_registry(path: Path) -> dict[str, dict]:
                 entries[entry["name"]] = entry
             except (json.JSONDecodeError, TypeError, KeyError) as e:
                 die(f"{path}:{lineno}: malformed registry line ({type(e).__name__}: {e})")
+            if "role" not in entry:
+                die(f"{path}:{lineno}: a registry line without the role and row fields that gentraces.py records "
+                    f"(written by an older version); add them once with: python migrate_registry.py {path}")
             for key in ("raw_accuracy", "af_accuracy"):
                 value = entry.get(key)
                 if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -69,30 +69,32 @@ def load_registry(path: Path) -> dict[str, dict]:
 def collect_rows(entries: dict[str, dict]) -> list[dict]:
     """One dict per grid row with any eval, sorted by series, tau, lam; missing evals are None.
 
-    tau, lam and eps are parsed from the name, since a student eval's own entry records the greedy
-    decode (tau = lam = 0), not the grid row it belongs to.  A row with several students (pipeline.sh's
-    SEEDS: `eval_student_{row}_seedN`) keeps each in `students` and their mean accuracies in `student`.
+    A row is the `row` fields of its evals' registry lines (a student eval decodes greedily, so only
+    those fields say which row it belongs to). A row with several students (pipeline.sh's SEEDS) keeps
+    each by its `student_seed` in `students` and their mean accuracies in `student`.
     """
     rows = {}
-    for name, entry in entries.items():
-        match = EVAL_NAME.match(name)
-        if match is None:
+    for entry in entries.values():
+        fields = entry.get("row")
+        if fields is None or entry["role"] not in ("teacher_eval", "student_eval"):
             continue
-        who, control, seed = match.group(1), match.group(5), match.group(6)
-        tau, lam, eps = (float(v) for v in match.groups()[1:4])
-        # lam = 0 samples with temperature alone (no proxy), whatever eps says.
-        series = "temperature" if lam == 0 else PERMUTED if control else "ADS"
-        row_name = name.split("_", 2)[2].removesuffix(f"_seed{seed}" if seed else "")
-        row = rows.setdefault(row_name, dict(series=series, name=row_name, tau=tau, lam=lam, eps=eps,
-                                             teacher=None, student=None, students={}))
-        if who == "teacher":
+        row = rows.setdefault(fields["name"], dict(fields, series=SERIES[fields["kind"]], teacher=None,
+                                                   student=None, students={}))
+        if entry["role"] == "teacher_eval":
             row["teacher"] = entry
         else:
-            row["students"][int(seed) if seed else None] = entry
+            row["students"][entry.get("student_seed")] = entry
     for row in rows.values():
         row["student"] = mean_entry(list(row["students"].values()))
     order = list(SERIES_STYLE)
     return sorted(rows.values(), key=lambda r: (order.index(r["series"]), r["tau"], r["lam"]))
+
+
+def reference(entries: dict[str, dict], role: str) -> dict | None:
+    """The last eval of this role that belongs to no grid row (the teacher greedy, the undistilled
+    student), or the holdout traces; None when it has not run."""
+    found = [e for e in entries.values() if e["role"] == role and e.get("row") is None]
+    return found[-1] if found else None
 
 
 def mean_entry(entries: list[dict]) -> dict | None:
@@ -103,16 +105,13 @@ def mean_entry(entries: list[dict]) -> dict | None:
     return dict(entries[0], raw_accuracy=mean("raw_accuracy"), af_accuracy=mean("af_accuracy"), seeds=len(entries))
 
 
-def student_dir(exp_dir: Path, row: str, seed: int | None) -> Path:
-    return exp_dir / "models" / f"student_{row}" if seed is None else exp_dir / "models" / f"student_{row}_seed{seed}"
-
-
 def holdout_nll(exp_dir: Path, row: dict) -> list[float]:
-    """Each student's last holdout loss (distill.py's eval on the clean holdout traces), where recorded."""
+    """Each student's last holdout loss (distill.py's eval on the clean holdout traces), where recorded:
+    in the train_summary.yaml beside the evaluated model (EXP_DIR/models/<student>/final)."""
     import yaml
     out = []
-    for seed in row["students"]:
-        path = student_dir(exp_dir, row["name"], seed) / "train_summary.yaml"
+    for entry in row["students"].values():
+        path = exp_dir / "models" / Path(entry["model"]).parent.name / "train_summary.yaml"
         if path.is_file():
             losses = (yaml.safe_load(path.read_text()) or {}).get("eval_losses") or []
             if losses:
@@ -191,8 +190,8 @@ def per_problem_grades(exp_dir: Path, rows: list[dict], metric: str = "af"):
     for r in rows:
         if r["teacher"] is None or not r["students"]:
             continue
-        teacher = grades_of(f"eval_teacher_{r['name']}")
-        students = [grades_of(f"eval_student_{r['name']}" + ("" if seed is None else f"_seed{seed}"))
+        teacher = grades_of(r["teacher"]["name"])
+        students = [grades_of(r["students"][seed]["name"])
                     for seed in sorted(r["students"], key=lambda s: -1 if s is None else s)]
         graded[r["name"]] = (teacher, students)
     if not graded:
@@ -280,12 +279,10 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: li
             f"| {fmt_acc(t, 'af_accuracy')} | {fmt_acc(t, 'raw_accuracy')} "
             f"| {fmt_acc(s, 'af_accuracy')} | {fmt_acc(s, 'raw_accuracy')} | {n} | {len(r['students'])} "
             f"| {fmt_spread(holdout_nll(exp_dir, r))} | {fmt_fd(t)} |")
-    if "holdout" in entries:
-        lines += ["", summary_line("Teacher greedy on holdout", entries["holdout"])]
-    if "eval_teacher_base" in entries:
-        lines += ["", summary_line("Teacher greedy on test", entries["eval_teacher_base"])]
-    if "eval_student_base" in entries:
-        lines += ["", summary_line("Undistilled student on test", entries["eval_student_base"])]
+    for label, role in [("Teacher greedy on holdout", "holdout"), ("Teacher greedy on test", "teacher_eval"),
+                        ("Undistilled student on test", "student_eval")]:
+        if reference(entries, role):
+            lines += ["", summary_line(label, reference(entries, role))]
     if gaps:
         lines += ["", f"Student-accuracy gap ({metric}, percent points), curves interpolated over the teacher "
                   "accuracy both series reach; intervals resample each row's students (seeds), then the test "
@@ -309,7 +306,7 @@ def plot_tradeoff(rows: list[dict], entries: dict[str, dict], path: Path, gaps: 
         # An empty series still gets its legend entry, so the legend always names both samplers.
         ax.plot([x for x, _ in points], [y for _, y in points], linestyle="-", alpha=0.8,
                 label=f"{series} ({len(points)} rows)", **style)
-    base, greedy = entries.get("eval_student_base"), entries.get("eval_teacher_base")
+    base, greedy = reference(entries, "student_eval"), reference(entries, "teacher_eval")
     if accuracy(base, key) is not None:
         ax.axhline(accuracy(base, key), color="black", linestyle="--", label="undistilled student")
     if accuracy(greedy, key) is not None:

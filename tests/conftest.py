@@ -39,7 +39,8 @@ def proxy():
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
-    """The tiny teacher/proxy/student and GSM8K-schema data from make_assets.py (built once)."""
+    """The tiny teacher/proxy/student and GSM8K-schema data from make_assets.py (built once). The build
+    trains the teacher for over a minute on 2 cores, so every test that uses it is marked slow."""
     import subprocess
     if os.environ.get("TINY_ASSETS"):  # reuse a prebuilt copy while iterating on tests
         return Path(os.environ["TINY_ASSETS"])
@@ -47,3 +48,20 @@ def tiny_assets(tmp_path_factory):
     repo = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, str(repo / "make_assets.py"), "--out", str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def untrained_assets(tmp_path_factory):
+    """tiny_assets' layout (teacher/, proxy/ sharing its tokenizer, data/gsm8k/) with untrained models,
+    built in about a second: the fast tier's stand-in where a test needs a stage to run, not a teacher
+    that solves problems."""
+    import trace_fixtures as tf
+    root = tmp_path_factory.mktemp("untrained") / "assets"
+    tok = tf.make_tokenizer(tf.TEACHER)
+    tf.save_proxy(root / "teacher", tok, seed=0)
+    tf.save_proxy(root / "proxy", tok, seed=1, hidden=16)
+    problems = [{"question": tf.question(a, b, word), "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+                for a in range(8) for b in range(4) for word in tf.WORDS[:2]]
+    tf.write_jsonl(root / "data" / "gsm8k" / "train.jsonl", problems[::2])
+    tf.write_jsonl(root / "data" / "gsm8k" / "test.jsonl", problems[1::2])
+    return root

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 import calibrate
+import grid
 
 
 def test_bisection_finds_the_parameter_of_the_target_accuracy_in_linear_and_log_space():
@@ -29,8 +30,9 @@ def test_grid_file_has_each_band_the_permuted_row_and_the_reference_once():
     temperature = {0.9: (1.25, 0.9), 0.8: (1.25, 0.82)}  # both bands landed on one tau: one row
     ads = {0.9: (0.03, 0.9), 0.8: (0.12, 0.8)}
     lines = calibrate.grid_lines(args, temperature, ads, 1e-3)
-    assert lines == ["1.25e+00 0 0", "9.00e-01 3.00e-02 1.00e-03", "9.00e-01 1.20e-01 1.00e-03",
-                     "9.00e-01 3.00e-02 1.00e-03 permute", "9.00e-01 0 0"]
+    assert lines == ["1.25e+00 0.00e+00 0.00e+00", "9.00e-01 3.00e-02 1.00e-03", "9.00e-01 1.20e-01 1.00e-03",
+                     "9.00e-01 3.00e-02 1.00e-03 permute", "9.00e-01 0.00e+00 0.00e+00"]
+    assert [grid.parse_row(line).kind for line in lines] == ["temperature", "ads", "ads", "control", "temperature"]
 
 
 def plain_sampling(tau, lam=0.0, eps=0.0):

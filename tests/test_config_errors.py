@@ -26,11 +26,6 @@ ADS = "tau9.00e-01_lam5.00e-02_eps1.00e-02"
 TEMPERATURE = "tau1.50e+00_lam0.00e+00_eps0.00e+00"
 
 
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Valid inputs for every script. The teacher and proxy are tokenizers only, so a model load
@@ -47,11 +42,11 @@ def inputs(tmp_path_factory):
     (root / "a_file").write_text("")
     (root / "not_a_dataset").mkdir()
     questions = [{"question": tf.question(a, 2, "apples"), "answer": f"#### {a + 2}"} for a in range(10)]
-    write_jsonl(root / "data/gsm8k/test.jsonl", questions)
-    write_jsonl(root / "data/gsm8k/train.jsonl", questions)
-    write_jsonl(root / "data_no_answer/gsm8k/test.jsonl", [{"question": "q"}])
-    write_jsonl(root / "data_empty/gsm8k/test.jsonl", [])
-    write_jsonl(root / "data_not_json/gsm8k/test.jsonl", ["{'question': 'q'"])
+    tf.write_jsonl(root / "data/gsm8k/test.jsonl", questions)
+    tf.write_jsonl(root / "data/gsm8k/train.jsonl", questions)
+    tf.write_jsonl(root / "data_no_answer/gsm8k/test.jsonl", [{"question": "q"}])
+    tf.write_jsonl(root / "data_empty/gsm8k/test.jsonl", [])
+    tf.write_jsonl(root / "data_not_json/gsm8k/test.jsonl", ["{'question': 'q'"])
     return root
 
 
@@ -141,6 +136,11 @@ GEN_CASES = [
     ("proxy_missing", lambda i, t: {**ADS_ROW, "grad_path": i / "grad.safetensors", "proxy": t / "no_proxy"},
      "proxy must be a model directory or a Hub id"),
     ("control_without_ads", {"tau": 1.0, "ads_control": "permute"}, "it needs lam != 0"),
+    ("grid_row_malformed", {"grid_row": "0.9 0.1"}, "grid_row: expected 'tau lam eps [permute]'"),
+    ("grid_row_not_what_is_sampled", {"tau": 1.5, "role": "teacher_eval", "grid_row": "1.2 0 0"},
+     "grid_row='1.2 0 0' is not what this run samples"),
+    ("train_traces_without_a_row", {"tau": 1.5, "role": "train"}, "role=train needs grid_row"),
+    ("role_unknown", {"role": "eval"}, "role must be 'holdout', 'train', 'teacher_eval', 'student_eval' or 'other', got 'eval'"),
     ("teacher_missing", lambda i, t: {"teacher": t / "no_teacher"}, "teacher must be a model directory or a Hub id"),
     ("teacher_is_a_file", lambda i, t: {"teacher": i / "a_file"}, "(it is a file)"),
     ("exp_dir_under_a_file", lambda i, t: {"exp_dir": i / "a_file" / "exp"}, "a_file is a file"),
@@ -283,8 +283,10 @@ def test_distill_bad_setting_is_one_error_line_before_any_model_loads(bad, messa
 # report.py
 
 def entry(name, af=0.5, raw=0.5):
+    """A registry line as gentraces.py writes it, its role and row those that pipeline.sh's name implies."""
+    import migrate_registry
     return json.dumps(dict(name=name, data_split="gsm8k_test", model="m", tau=0.0, lam=0.0, eps=0.0, n=10,
-                           raw_accuracy=raw, af_accuracy=af))
+                           raw_accuracy=raw, af_accuracy=af, **migrate_registry.fields_of(name)))
 
 
 def registry(*lines):
@@ -397,8 +399,10 @@ SUBPROCESS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("script,base,name", [(s, b, n) for s, b, cases, names in SUBPROCESS_CASES for n in names],
-                         ids=[f"{s}-{n}" for s, _, _, names in SUBPROCESS_CASES for n in names])
+# each process starts torch (3-9 s on 2 cores): the first case of each script runs in the fast tier
+@pytest.mark.parametrize("script,base,name", [
+    pytest.param(s, b, n, id=f"{s}-{n}", marks=() if n == names[0] else pytest.mark.slow)
+    for s, b, cases, names in SUBPROCESS_CASES for n in names])
 def test_bad_setting_in_a_real_process_is_one_line_and_exit_2(script, base, name, inputs, tmp_path):
     cases = next(cases for s, _, cases, _ in SUBPROCESS_CASES if s == script)
     bad, message = next(c[1:] for c in cases if c[0] == name)
@@ -445,6 +449,7 @@ def test_a_typo_in_gen_args_fails_the_pipeline_before_stage_1(inputs, tmp_path):
     assert "== " not in res.stderr and not (tmp_path / "exp").exists()
 
 
+@pytest.mark.slow
 def test_every_stage_is_checked_and_each_problem_is_one_line(inputs, tmp_path):
     res = run_driver("pipeline.sh", inputs, tmp_path, GEN_ARGS="top_p=abc", GRAD_ARGS="batch_size=0",
                      TRAIN_ARGS="lr_scheduler=cosin", REPORT_ARGS="--metric f1")
@@ -454,6 +459,7 @@ def test_every_stage_is_checked_and_each_problem_is_one_line(inputs, tmp_path):
     assert not (tmp_path / "exp").exists()
 
 
+@pytest.mark.slow
 def test_a_worker_error_under_the_launcher_is_one_line_and_exit_2(inputs, tmp_path):
     """The settings pass the check, but no prompt fits max_prompt_length: both workers stop with the same
     error, torchrun adds its traceback, and the terminal shows the stage and one error line."""
@@ -477,6 +483,7 @@ def fake_assets(inputs, tmp_path):
     return assets
 
 
+@pytest.mark.slow
 def test_the_tiny_wrapper_passes_the_users_grid_on(inputs, tmp_path):
     res = run_driver("pipeline_tiny.sh", inputs, tmp_path, TINY_ASSETS=fake_assets(inputs, tmp_path), GRID="nope")
     assert_one_error_line(res.returncode, res.stderr, "--grid must be one of paper, shapes, synth, tiny or a file of rows, got 'nope'")

@@ -127,6 +127,7 @@ def tokenizer_only(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a process per case (~3 s each to start torch); test_config_errors.py checks these in-process
 @pytest.mark.parametrize("bad,message", [
     ({"lora_rank": 8}, "unknown config key 'lora_rank' (did you mean 'lora_r'?)"),
     ({"lora_r": -1}, "lora_r must be >= 0, got -1"),

@@ -1,5 +1,6 @@
 """gentraces.py on the tiny assets: outputs, determinism across batch sizes and processes, and one
-clear error (with nothing written) for every bad input."""
+clear error (with nothing written) for every bad input. The tests on the trained tiny assets are slow
+(their build trains a teacher); the fast tier runs the stage on untrained models (the last tests)."""
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import gentraces
 import sampling
+import trace_fixtures as tf
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -62,6 +64,7 @@ def load_rows(exp_dir, name="t"):
     return list(datasets.load_from_disk(str(Path(exp_dir) / "traces" / name)))
 
 
+@pytest.mark.slow
 def test_outputs_sidecar_and_registry(tiny_assets, tmp_path):
     gentraces.main(base_args(tiny_assets, tmp_path, tau=0))
     traces = tmp_path / "traces"
@@ -78,6 +81,7 @@ def test_outputs_sidecar_and_registry(tiny_assets, tmp_path):
     assert not list(traces.glob(".*"))  # no temporary or work files left behind
 
 
+@pytest.mark.slow
 def test_ads_traces_do_not_depend_on_batch_size_or_engine(tiny_assets, tmp_path, grad_file):
     ads = dict(tau=1.0, lam=0.5, eps=1e-2, grad_path=grad_file[0])
     gentraces.main(base_args(tiny_assets, tmp_path / "a", batch_size=3, **ads))
@@ -89,6 +93,7 @@ def test_ads_traces_do_not_depend_on_batch_size_or_engine(tiny_assets, tmp_path,
     assert side["diagnostics"]["grad_rms"] > 0
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_traces_as_one(tiny_assets, tmp_path, grad_file):
     ads = dict(tau=1.0, lam=0.5, eps=1e-2, grad_path=grad_file[0], batch_size=4)
     gentraces.main(base_args(tiny_assets, tmp_path / "one", **ads))
@@ -103,6 +108,7 @@ def test_two_processes_give_the_same_traces_as_one(tiny_assets, tmp_path, grad_f
     assert side["diagnostics"]["processes"] == 2
 
 
+@pytest.mark.slow
 def test_fd_check_is_recorded_and_warns_when_finite_differences_disagree_with_the_jvp(
         tiny_assets, tmp_path, grad_file, holdout, capfd):
     # a large g makes eps = 1e-2 a step far outside the linear regime: FD is then mostly truncation
@@ -124,6 +130,7 @@ def test_fd_check_is_recorded_and_warns_when_finite_differences_disagree_with_th
     assert registry[0]["fd_cosine_median"] == fixed["fd_cosine_median"]
 
 
+@pytest.mark.slow
 def test_lam_zero_never_loads_the_proxy(tiny_assets, tmp_path):
     gentraces.main(base_args(tiny_assets, tmp_path, tau=1.0, lam=0, proxy="/nonexistent/proxy", max_samples=4))
     assert len(load_rows(tmp_path)) == 4
@@ -152,6 +159,7 @@ def _corrupt(kind, tmp_path, grad_file, tiny_assets):
     return bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,message", [
     ("missing", "grad_path must be an existing file"),
     ("truncated", "not a readable safetensors file"),
@@ -168,6 +176,7 @@ def test_bad_gradient_file_is_one_clear_error_and_writes_nothing(kind, message, 
     assert not exp.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ({"tau": -1}, "tau must be >= 0"),
     ({"tau": 1.0, "lam": 0.1, "eps": 0, "grad_path": REPO / "gen_config.yaml"}, "eps must be > 0"),
@@ -192,6 +201,7 @@ def test_bad_config_is_one_clear_error_and_writes_nothing(override, message, tin
     assert not exp.exists()
 
 
+@pytest.mark.slow
 def test_teacher_and_proxy_with_different_tokenizers_is_refused(tiny_assets, tmp_path, grad_file):
     exp = tmp_path / "exp"
     with pytest.raises(SystemExit) as e:
@@ -201,6 +211,7 @@ def test_teacher_and_proxy_with_different_tokenizers_is_refused(tiny_assets, tmp
     assert not exp.exists()
 
 
+@pytest.mark.slow
 def test_cli_error_is_a_single_line_without_traceback(tiny_assets, tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "gentraces.py"), *base_args(tiny_assets, tmp_path, tau=-1)],
                          env=ENV, capture_output=True, text=True)
@@ -208,6 +219,7 @@ def test_cli_error_is_a_single_line_without_traceback(tiny_assets, tmp_path):
     assert res.stderr.strip() == "error: tau must be >= 0, got -1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,after_chunks", [(signal.SIGKILL, 1), (signal.SIGTERM, 2), (signal.SIGINT, 1)])
 def test_killed_run_resumes_to_the_same_output(sig, after_chunks, tiny_assets, tmp_path, grad_file):
     """Kill generation once some chunks are saved (the point varies with the case), rerun the same
@@ -236,6 +248,7 @@ def test_killed_run_resumes_to_the_same_output(sig, after_chunks, tiny_assets, t
     assert not work.exists()
 
 
+@pytest.mark.slow
 def test_stale_chunks_from_another_config_are_not_reused(tiny_assets, tmp_path):
     work = tmp_path / "traces" / ".t.work"
     work.mkdir(parents=True)
@@ -265,3 +278,30 @@ def test_a_process_that_starts_after_the_traces_were_published_exits_instead_of_
     main = types.SimpleNamespace(is_main_process=True)
     work = gentraces.prepare_workdir(cfg, main)
     assert gentraces.prepare_workdir(cfg, late) == work  # a process on time still gets the folder
+
+
+def test_a_greedy_run_on_untrained_models_writes_rows_sidecar_and_registry(untrained_assets, tmp_path):
+    gentraces.main(base_args(untrained_assets, tmp_path, tau=0, max_samples=8, batch_size=3, system_prompt=tf.SYSTEM))
+    rows = load_rows(tmp_path)
+    assert [r["idx"] for r in rows] == list(range(8))
+    assert all(r["prompt"].endswith(tf.TEACHER_MARKER) and r["completion"].startswith("<think>\n") for r in rows)
+    assert all(r["trace"] == r["prompt"] + r["completion"] for r in rows)
+    side = yaml.safe_load((tmp_path / "traces" / "t.yaml").read_text())
+    entry = json.loads((tmp_path / "metadata" / "trace_registry.jsonl").read_text().splitlines()[-1])
+    assert side["stats"]["n"] == entry["n"] == 8 and entry["af_accuracy"] == side["stats"]["af_accuracy"]
+    assert (tmp_path / "traces" / "t.parquet").stat().st_size > 0
+    assert not list((tmp_path / "traces").glob(".*"))  # no temporary or work files left behind
+
+
+def test_ads_traces_on_untrained_models_do_not_depend_on_batch_size_or_engine(untrained_assets, tmp_path):
+    proxy = AutoModelForCausalLM.from_pretrained(untrained_assets / "proxy")
+    torch.manual_seed(0)
+    grad = tmp_path / "g.safetensors"
+    save_file({n: torch.randn_like(p) * 1e-2 for n, p in proxy.named_parameters()}, str(grad))
+    # fd_check=0: the FD check reads the gradient's holdout traces, which only the slow tests make
+    ads = dict(tau=1.0, lam=0.5, eps=1e-2, grad_path=grad, fd_check=0, max_samples=6, system_prompt=tf.SYSTEM)
+    gentraces.main(base_args(untrained_assets, tmp_path / "a", batch_size=4, **ads))
+    gentraces.main(base_args(untrained_assets, tmp_path / "b", batch_size=6, engine="reference", **ads))
+    a, b = load_rows(tmp_path / "a"), load_rows(tmp_path / "b")
+    assert [(r["completion"], r["forced"]) for r in a] == [(r["completion"], r["forced"]) for r in b]
+    assert yaml.safe_load((tmp_path / "a" / "traces" / "t.yaml").read_text())["diagnostics"]["grad_rms"] > 0

@@ -33,16 +33,25 @@ def test_paper_grid_has_40_ads_rows_and_19_temperature_rows():
     assert len(set(rows)) == 59
 
 
-def test_cli_prints_three_2e_fields_per_line_and_no_empty_line():
+def test_cli_prints_each_rows_name_kind_and_2e_fields_and_no_empty_line():
     out = run_grid()
     assert out.returncode == 0, out.stderr
     assert out.stdout.endswith("\n") and not out.stdout.endswith("\n\n")
     lines = out.stdout.splitlines()
     assert len(lines) == 59
     for line in lines:
-        fields = line.split(" ")
-        assert len(fields) == 3 and all(FIELD.match(f) for f in fields), line
-    assert "1.50e+00 0.00e+00 0.00e+00" in cli_rows("--grid", "tiny")
+        name, kind, *values, control = line.split(" ")
+        assert len(values) == 3 and all(FIELD.match(f) for f in values), line
+        row = grid.parse_row(" ".join(values + [control]))
+        assert (name, kind) == (row.name, row.kind)
+    assert "tau1.50e+00_lam0.00e+00_eps0.00e+00 temperature 1.50e+00 0.00e+00 0.00e+00 none" in cli_rows("--grid", "tiny")
+
+
+def test_spec_output_is_the_grid_file_format_and_reads_back_as_the_same_rows(tmp_path):
+    path = tmp_path / "grid.txt"
+    path.write_text("\n".join(cli_rows("--grid", "synth", "--spec")) + "\n")
+    assert grid.read_rows(path) == [grid.parse_row(r.spec) for r in grid.grid_rows("synth")]
+    assert cli_rows("--grid", str(path)) == cli_rows("--grid", "synth")
 
 
 @pytest.mark.parametrize("num_shards", [1, 2, 3, 8])
@@ -77,10 +86,25 @@ def test_tiny_grid_has_a_temperature_row_an_ads_row_and_its_control():
     assert sum(r.control == "permute" for r in rows) >= 1
 
 
-def test_row_name_uses_the_cli_formatting():
-    assert grid.row_name(0.9, 0.05, 1e-2) == "tau9.00e-01_lam5.00e-02_eps1.00e-02"
-    assert grid.row_name(1.5, 0.0, 0.0) == "tau1.50e+00_lam0.00e+00_eps0.00e+00"
-    assert grid.row_name(0.9, 0.05, 1e-2, "permute") == "tau9.00e-01_lam5.00e-02_eps1.00e-02_permute"
+def test_a_row_knows_its_name_and_kind_and_records_its_printed_fields():
+    assert grid.Row(0.9, 0.05, 1e-2).name == "tau9.00e-01_lam5.00e-02_eps1.00e-02"
+    assert grid.Row(1.5, 0.0, 0.0).name == "tau1.50e+00_lam0.00e+00_eps0.00e+00"
+    assert grid.Row(0.9, 0.05, 1e-2, "permute").name == "tau9.00e-01_lam5.00e-02_eps1.00e-02_permute"
+    assert [grid.Row(*r).kind for r in [(1.5, 0, 0), (0.9, 0, 0.01), (0.9, 0.05, 0.01), (0.9, 0.05, 0.01, "permute")]] \
+        == ["temperature", "temperature", "ads", "control"]
+    assert grid.Row(1 / 3, 0.123456, 1e-2).fields() == {"name": "tau3.33e-01_lam1.23e-01_eps1.00e-02", "kind": "ads",
+                                                       "tau": 0.333, "lam": 0.123, "eps": 0.01, "control": "none"}
+
+
+@pytest.mark.parametrize("spec", ["0.9 0.1", "0.9 0.1 0.01 shuffle", "a 0.1 0.01", "1.5 0 0 permute", "0.9 0.1 0.01 none x"])
+def test_a_malformed_row_spec_is_refused_with_what_was_expected(spec, tmp_path):
+    with pytest.raises(ValueError, match="expected 'tau lam eps|acts on the ADS penalty"):
+        grid.parse_row(spec)
+    path = tmp_path / "grid.txt"
+    path.write_text("0.9 0.1 0.01\n" + spec + "\n")
+    out = run_grid("--grid", str(path))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"error: {path}:2: ") and len(out.stderr.splitlines()) == 1
 
 
 def test_synth_grid_pairs_every_ads_row_with_a_permuted_control():
@@ -89,7 +113,7 @@ def test_synth_grid_pairs_every_ads_row_with_a_permuted_control():
     ads = {r[:3] for r in rows if r.lam > 0 and r.control == "none"}
     control = {r[:3] for r in rows if r.control == "permute"}
     assert len(temperature) >= 6 and len(ads) >= 6 and ads == control and len(rows) == len(set(rows))
-    lines = cli_rows("--grid", "synth")
+    lines = cli_rows("--grid", "synth", "--spec")
     assert len(lines) == len(rows)
     assert sorted(len(line.split(" ")) for line in lines) == [3] * (len(rows) - len(control)) + [4] * len(control)
     assert all(line.split(" ")[3] == "permute" for line in lines if line.count(" ") == 3)
@@ -121,16 +145,19 @@ def test_a_python_launcher_runs_the_stage_itself_with_no_rendezvous_port(launche
     assert "main_process_port" not in res.stderr and "no_teacher" in res.stderr.splitlines()[-1]
 
 
-def test_rows_waiting_for_a_failed_gradient_stage_fail_with_one_line_instead_of_hanging(tmp_path):
+def test_a_failed_first_phase_stops_the_pipeline_before_any_row_needs_the_gradient(tmp_path):
     (tmp_path / "no_teacher").mkdir()  # it exists, so the settings check passes, but holds no model
     bin_dir = str(Path(sys.executable).parent)
     res = subprocess.run(["bash", str(ROOT / "pipeline.sh")], capture_output=True, text=True, cwd=ROOT, timeout=600,
                          env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
                               "EXP_DIR": str(tmp_path / "exp"), "LAUNCH": "python", "GRID": "tiny", "PARALLEL": "3",
                               "TEACHER": str(tmp_path / "no_teacher"), "HF_HUB_OFFLINE": "1"})
-    out = res.stdout + res.stderr  # the prefixed loops write to stdout
-    # the holdout stage fails on the missing teacher; the two ADS rows wait for the gradient, then fail
-    waited = [line for line in out.splitlines() if "was not made: the holdout or gradient stage failed" in line]
-    assert res.returncode == 1 and len(waited) == 2 and all(line.startswith("[rows ") for line in waited)
+    out = res.stdout + res.stderr  # the prefixed jobs write to stdout
+    # phase 1 (holdout, references, the temperature row's traces) fails on the missing teacher, in
+    # its jobs' own lines; the ADS rows, which need the gradient, never start
+    started = [line for line in out.splitlines() if "== " in line]
+    assert res.returncode == 2 and started
+    assert all(line.startswith(("[prepare] ", "[references] ", "[rows ")) for line in started)
+    assert not any("lam2.00e-01" in line for line in started)
     assert "[prepare] == " in out and "holdout traces" in out
-    assert "the holdout/gradient stage failed" in res.stderr.splitlines()[-1]
+    assert res.stderr.splitlines()[-1].startswith("pipeline: a stage failed")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import grid
+
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = [69, 70]
 pytestmark = pytest.mark.slow
@@ -33,8 +35,7 @@ def rows_of(grid):
 
 
 def row_name(fields):
-    tau, lam, eps = (float(v) for v in fields[:3])
-    return f"tau{tau:.2e}_lam{lam:.2e}_eps{eps:.2e}" + (f"_{fields[3]}" if len(fields) > 3 else "")
+    return grid.parse_row(" ".join(fields)).name
 
 
 def test_assets_keep_the_cold_bases_beside_the_warmed_up_proxy_and_student(synth_run):

@@ -16,12 +16,15 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+import grid
+
 REPO = Path(__file__).resolve().parents[1]
 TRACE_COLUMNS = {"idx", "question", "gold", "system", "prompt", "completion", "trace", "forced",
                  "raw_pred", "af_pred", "raw_correct", "af_correct", "n_tokens", "finished"}
 
 
-KILLED_STAGE = "eval_student_base"  # the last generation stage: killing there costs CI the least
+LAST_ROW = grid.grid_rows("tiny")[-1]  # a serial run does the rows in grid order, after phase 1
+KILLED_STAGE = f"eval_teacher_{LAST_ROW.name}"  # the last generation stage: killing there costs CI the least
 N_TRACES = 1 + 3 * 3 + 2  # holdout, 3 tiny grid rows x (train, student eval, teacher eval), 2 references
 
 
@@ -94,7 +97,7 @@ def runs(tiny_assets, tmp_path_factory):
                              cwd=REPO, capture_output=True, text=True, timeout=1200)
         assert res.returncode == 0, res.stderr[-4000:]
         stages = [line.split(" ", 2)[2] for line in res.stderr.splitlines() if line.startswith("== ")]
-        assert stages == ["undistilled student eval", "report"]  # finished stages were skipped
+        assert stages == [f"{LAST_ROW.name}: teacher eval", "report"]  # finished stages were skipped
         assert whole_proc.wait(timeout=1200) == 0, (root / "whole.log").read_text()[-4000:]
     finally:
         if whole_proc.poll() is None:
@@ -111,8 +114,7 @@ def tiny_run(runs):
 def grid_names():
     out = subprocess.run(["python", str(REPO / "grid.py"), "--grid", "tiny"], capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    names = ["tau{}_lam{}_eps{}".format(*line.split()[:3]) + "".join(f"_{c}" for c in line.split()[3:])
-             for line in out]
+    names = [line.split()[0] for line in out]  # grid.py prints each row's name first
     assert any(name.endswith("_permute") for name in names)  # the control series runs through the pipeline
     return names
 
@@ -128,6 +130,7 @@ def check_trace(exp, name):
     return side
 
 
+@pytest.mark.slow
 def test_every_stage_output_exists_and_is_well_formed(tiny_run):
     exp = tiny_run
     names = grid_names()
@@ -146,17 +149,24 @@ def test_every_stage_output_exists_and_is_well_formed(tiny_run):
     check_trace(exp, "eval_teacher_base")
     registry = [json.loads(line) for line in (exp / "metadata" / "trace_registry.jsonl").read_text().splitlines()]
     assert {e["name"] for e in registry} >= {"holdout", *names, *(f"eval_teacher_{n}" for n in names)}
+    # every line of a row's stages records that row's fields (report.py reads them, never the names)
+    rows = {e["name"]: (e["role"], e["row"] and e["row"]["name"]) for e in registry}
+    for n in names:
+        assert rows[n] == ("train", n) and rows[f"eval_teacher_{n}"] == ("teacher_eval", n)
+        assert rows[f"eval_student_{n}"] == ("student_eval", n)
+    assert rows["eval_student_base"] == ("student_eval", None) and rows["holdout"] == ("holdout", None)
     assert not list((exp / "traces").glob(".*"))  # no temporary or work directories left
 
 
+@pytest.mark.slow
 def test_report_has_a_row_per_grid_row_and_a_plot(tiny_run):
     report = (tiny_run / "report.md").read_text()
-    for name in grid_names():
-        tau = float(name[3:name.index("_lam")])
-        assert f"{tau:.3g}" in report
+    for row in grid.grid_rows("tiny"):
+        assert f"| {row.tau:.3g} | {row.lam:.3g} |" in report
     assert (tiny_run / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_tiny_teacher_answers_well_above_chance(tiny_run):
     # the teacher's greedy answer-forced accuracy on the test split, as its sidecar reports it
     side = yaml.safe_load((tiny_run / "traces" / "eval_teacher_base.yaml").read_text())
@@ -164,6 +174,7 @@ def test_tiny_teacher_answers_well_above_chance(tiny_run):
     assert side["stats"]["af_accuracy"] >= 0.5
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_stage(tiny_run, tiny_assets):
     env = {**os.environ, "EXP_DIR": str(tiny_run), "TINY_ASSETS": str(tiny_assets)}
     res = subprocess.run(["bash", str(REPO / "pipeline_tiny.sh")], env=env, cwd=REPO,
@@ -173,11 +184,12 @@ def test_rerun_skips_every_finished_stage(tiny_run, tiny_assets):
     assert [s.split(" ", 2)[2] for s in stages] == ["report"]
 
 
+@pytest.mark.slow
 def test_stage_killed_mid_run_is_redone_to_the_uninterrupted_result(tiny_run, tiny_assets, tmp_path):
     side = yaml.safe_load((tiny_run / "traces" / f"{KILLED_STAGE}.yaml").read_text())
     overrides = [f"{k}={v}" for k, v in side["config"].items()
                  if k in ("teacher", "tokenizer", "data_split", "data_dir", "max_length", "max_prompt_length",
-                          "tau", "lam", "batch_size", "trace_name")]
+                          "tau", "lam", "batch_size", "trace_name") and v is not None]
     subprocess.run([sys.executable, str(REPO / "gentraces.py"), *overrides, f"exp_dir={tmp_path}"],
                    check=True, cwd=REPO, capture_output=True)
     resumed = datasets.load_from_disk(str(tiny_run / "traces" / KILLED_STAGE))
@@ -195,6 +207,7 @@ def registry_by_name(exp):
     return entries
 
 
+@pytest.mark.slow
 def test_killed_and_rerun_pipeline_reports_what_an_uninterrupted_one_does(runs):
     # report.md holds only accuracies and counts (no timings, paths or dates), so it must match byte
     # for byte; the rerun redid the killed stage, so this compares redone and resumed work too
@@ -206,21 +219,26 @@ def test_killed_and_rerun_pipeline_reports_what_an_uninterrupted_one_does(runs):
     assert killed == whole  # name, split, model, tau, lam, eps, n, raw and af accuracy of every trace
 
 
-def test_parallel_row_loops_each_ran_a_row_and_the_references_ran_beside_them(runs):
+@pytest.mark.slow
+def test_parallel_row_loops_each_ran_a_row_and_phase_one_ran_beside_the_gradient(runs):
     log = runs.whole_log.read_text()
     lines = log.splitlines()
-    starts = {line.split("]")[0] + "]" for line in lines if re.match(r"\[rows \d\] == .*: train traces", line)}
+    starts = {line.split("]")[0] + "]" for line in lines if re.match(r"\[rows \d\] == .*: distill", line)}
     assert starts == {"[rows 0]", "[rows 1]", "[rows 2]"}
-    # the references started before the last row's last stage, not after all rows
-    first_reference = next(i for i, line in enumerate(lines) if line.startswith("[references] == "))
-    last_row_stage = max(i for i, line in enumerate(lines) if re.match(r"\[rows \d\] == ", line))
-    assert first_reference < last_row_stage
+    # phase 1: the temperature row's train traces ran beside the holdout traces and the references,
+    # which ran before any row's student; the ADS rows' traces waited for the gradient (phase 2)
+    stage = lambda pattern: [i for i, line in enumerate(lines) if re.match(pattern, line)]  # noqa: E731
+    temperature_traces = stage(r"\[rows \d\] == .*lam0\.00e\+00_eps0\.00e\+00: train traces")
+    assert len(temperature_traces) == 1 and temperature_traces[0] < stage(r"\[prepare\] == .*proxy gradient")[0]
+    assert max(stage(r"\[references\] == ")) < min(stage(r"\[rows \d\] == .*: distill"))
+    assert min(stage(r"\[rows \d\] == .*lam2\.00e-01.*: train traces")) > stage(r"\[prepare\] == .*proxy gradient")[0]
     assert [line.split(" ", 3)[3] for line in lines if line.startswith("[references] == ")] == \
         ["teacher greedy eval", "undistilled student eval"]
     # ROW_GPUS=0,1 deals the loops over the GPUs round-robin (on CPU the variable is simply unused)
-    assert sorted(re.findall(r"^\[rows (\d)\] on GPU (\d)$", log, re.M)) == [("0", "0"), ("1", "1"), ("2", "0")]
+    assert sorted(set(re.findall(r"^\[rows (\d)\] on GPU (\d)$", log, re.M))) == [("0", "0"), ("1", "1"), ("2", "0")]
 
 
+@pytest.mark.slow
 def test_two_pipelines_at_once_write_identical_outputs(runs):
     """Same assets and seeds, so two pipelines that never touched each other's files write the same
     gradient and the same traces; a shared work file or a crossed EXP_DIR would show up here."""
@@ -236,6 +254,7 @@ def test_two_pipelines_at_once_write_identical_outputs(runs):
     assert all((g_whole[k] == g_killed[k]).all() for k in g_whole)
 
 
+@pytest.mark.slow
 def test_two_pipelines_at_once_leave_nothing_in_the_shared_tmpdir(runs):
     """Both pipelines (and the killed one's rerun) had TMPDIR set to one fresh directory. No file may
     be left there (the reference kept its caches at fixed /tmp paths, which concurrent runs shared).

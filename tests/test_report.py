@@ -3,17 +3,33 @@ import re
 
 import pytest
 
+import grid
 import report
 from utils import ConfigError
 
-ADS = "tau9.00e-01_lam5.00e-02_eps1.00e-02"
-ADS_NO_STUDENT = "tau1.00e+00_lam2.00e-01_eps1.00e-02"
-TEMPERATURE = "tau1.50e+00_lam0.00e+00_eps0.00e+00"
+ADS = grid.Row(0.9, 0.05, 0.01)
+ADS_NO_STUDENT = grid.Row(1.0, 0.2, 0.01)
+TEMPERATURE = grid.Row(1.5, 0.0, 0.0)
 
 
-def entry(name, af, raw, n=100, tau=0.0, lam=0.0, eps=0.0):
-    return dict(name=name, data_split="gsm8k_test", model="m", tau=tau, lam=lam, eps=eps, n=n,
-                raw_accuracy=raw, af_accuracy=af, created="2025-01-01T00:00:00")
+def entry(name, af, raw, n=100, tau=0.0, lam=0.0, eps=0.0, role="other", row=None, seed=None, model="m"):
+    """A registry line as gentraces.py writes it."""
+    return dict(name=name, data_split="gsm8k_test", model=model, tau=tau, lam=lam, eps=eps, n=n,
+                raw_accuracy=raw, af_accuracy=af, created="2025-01-01T00:00:00", role=role,
+                row=row.fields() if row else None, student_seed=seed)
+
+
+def teacher_eval(row, af, raw, n=100):
+    """The teacher's eval of a row: it samples with the row's settings."""
+    return entry(f"eval_teacher_{row.name}", af, raw, n=n, tau=row.tau, lam=row.lam, eps=row.eps,
+                 role="teacher_eval", row=row)
+
+
+def student_eval(row, af, raw, n=100, seed=None):
+    """A row's student's eval: greedy decoding of the model that pipeline.sh names after the row."""
+    student = f"student_{row.name}" + ("" if seed is None else f"_seed{seed}")
+    return entry(f"eval_{student}", af, raw, n=n, role="student_eval", row=row, seed=seed,
+                 model=f"exp/models/{student}/final")
 
 
 def write_registry(exp_dir, lines):
@@ -26,16 +42,16 @@ def write_registry(exp_dir, lines):
 @pytest.fixture
 def exp_dir(tmp_path):
     entries = [
-        entry("holdout", 0.91, 0.88, n=50),
-        entry(ADS, None, None, tau=0.9, lam=0.05, eps=0.01),  # a train trace: not an eval, ignored
-        entry(f"eval_teacher_{ADS}", 0.10, 0.05, tau=0.9, lam=0.05, eps=0.01),  # superseded by the rerun
-        entry(f"eval_student_{ADS}", 0.40, 0.35),
-        entry(f"eval_teacher_{TEMPERATURE}", 0.70, 0.60, tau=1.5),
-        entry(f"eval_student_{TEMPERATURE}", 0.55, 0.50),
-        entry(f"eval_teacher_{ADS_NO_STUDENT}", 0.62, 0.58, tau=1.0, lam=0.2, eps=0.01),
-        {**entry(f"eval_teacher_{ADS}", 0.80, 0.75, tau=0.9, lam=0.05, eps=0.01),
-         "fd_cosine_median": 0.9987, "fd_rel_error_median": 0.052},
-        entry("eval_student_base", 0.45, 0.42),
+        entry("holdout", 0.91, 0.88, n=50, role="holdout"),
+        entry(ADS.name, None, None, tau=0.9, lam=0.05, eps=0.01, role="train", row=ADS),  # not an eval, ignored
+        entry("cal_probe", 0.3, 0.3, tau=0.9, lam=0.05, eps=0.01),  # a calibration probe (role other), ignored
+        teacher_eval(ADS, 0.10, 0.05),  # superseded by the rerun
+        student_eval(ADS, 0.40, 0.35),
+        teacher_eval(TEMPERATURE, 0.70, 0.60),
+        student_eval(TEMPERATURE, 0.55, 0.50),
+        teacher_eval(ADS_NO_STUDENT, 0.62, 0.58),
+        {**teacher_eval(ADS, 0.80, 0.75), "fd_cosine_median": 0.9987, "fd_rel_error_median": 0.052},
+        entry("eval_student_base", 0.45, 0.42, role="student_eval"),
     ]
     write_registry(tmp_path, [json.dumps(e) for e in entries])
     return tmp_path
@@ -78,7 +94,7 @@ def test_row_missing_its_student_eval_is_kept_with_no_student(exp_dir):
 
 
 def test_malformed_registry_line_is_a_one_line_error_naming_the_line(tmp_path):
-    path = write_registry(tmp_path, [json.dumps(entry("holdout", 0.9, 0.9)), '{"name": "eval_teacher_', "{}"])
+    path = write_registry(tmp_path, [json.dumps(entry("holdout", 0.9, 0.9, role="holdout")), '{"name": "eval_teacher_', "{}"])
     with pytest.raises(ConfigError) as e:
         report.main(["--exp-dir", str(tmp_path)])
     assert len(e.value.messages) == 1 and f"{path}:2:" in e.value.msg and "\n" not in e.value.msg
@@ -105,20 +121,19 @@ def test_curve_gap_is_the_mean_difference_over_the_shared_teacher_range():
     assert report.curve_gap(ads, [(50.0, 1.0)]) is None
 
 
-def write_graded_row(exp_dir, name, teacher, student, tau, lam, eps, student_raw=None):
+def write_graded_row(exp_dir, row, teacher, student, student_raw=None):
     """Registry entries and per-problem parquet grades for one grid row (lists of 0/1 by idx); the raw
     grades equal the answer-forced ones unless student_raw gives the student's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     (exp_dir / "traces").mkdir(parents=True, exist_ok=True)
     lines = []
-    for who, af, raw, (t, l, e) in (("teacher", teacher, teacher, (tau, lam, eps)),
-                                    ("student", student, student_raw or student, (0, 0, 0))):
+    for make, af, raw in ((teacher_eval, teacher, teacher), (student_eval, student, student_raw or student)):
+        line = make(row, sum(af) / len(af), sum(raw) / len(raw), n=len(af))
         pq.write_table(pa.table({"idx": list(range(len(af))), "af_correct": [bool(g) for g in af],
                                  "raw_correct": [bool(g) for g in raw]}),
-                       exp_dir / "traces" / f"eval_{who}_{name}.parquet")
-        lines.append(json.dumps(entry(f"eval_{who}_{name}", sum(af) / len(af), sum(raw) / len(raw), n=len(af),
-                                      tau=t, lam=l, eps=e)))
+                       exp_dir / "traces" / f"{line['name']}.parquet")
+        lines.append(json.dumps(line))
     return lines
 
 
@@ -126,13 +141,10 @@ def test_metric_raw_takes_the_gap_and_the_plot_from_the_answers_boxed_in_the_tra
     """A student that never learned the answer-forcing suffix: af grades all 0, raw grades carry
     the signal (ADS students 40 points below temperature ones at equal teacher accuracy)."""
     lines = []
-    for name, t, s, tau, lam in [("tau1.00e+00_lam0.00e+00_eps0.00e+00", 80, 70, 1.0, 0.0),
-                                 ("tau2.00e+00_lam0.00e+00_eps0.00e+00", 20, 40, 2.0, 0.0),
-                                 ("tau9.00e-01_lam1.00e-02_eps1.00e-02", 80, 30, 0.9, 0.01),
-                                 ("tau9.00e-01_lam1.00e-01_eps1.00e-02", 20, 0, 0.9, 0.1)]:
+    for row, t, s in [(grid.Row(1.0, 0.0, 0.0), 80, 70), (grid.Row(2.0, 0.0, 0.0), 20, 40),
+                      (grid.Row(0.9, 0.01, 0.01), 80, 30), (grid.Row(0.9, 0.1, 0.01), 20, 0)]:
         grades = lambda k: [1] * k + [0] * (100 - k)  # noqa: E731
-        lines += write_graded_row(tmp_path, name, grades(t), grades(0), tau, lam, 0.01 if lam else 0.0,
-                                  student_raw=grades(s))
+        lines += write_graded_row(tmp_path, row, grades(t), grades(0), student_raw=grades(s))
     write_registry(tmp_path, lines)
     report.main(["--exp-dir", str(tmp_path)])
     assert "ADS) - student(temperature) at matched teacher accuracy: +0.0 points" in (tmp_path / "report.md").read_text()
@@ -153,13 +165,11 @@ def test_report_gives_the_ads_gap_with_a_bootstrap_interval_and_the_permutation_
 
     lines = []
     # temperature: the student keeps 60% of the teacher's accuracy; ADS only 20%; permuted ADS 55%
-    for name, t, ratio, tau, lam in [("tau1.00e+00_lam0.00e+00_eps0.00e+00", 0.9, 0.6, 1.0, 0.0),
-                                     ("tau2.00e+00_lam0.00e+00_eps0.00e+00", 0.5, 0.6, 2.0, 0.0),
-                                     ("tau9.00e-01_lam1.00e-02_eps1.00e-02", 0.85, 0.2, 0.9, 0.01),
-                                     ("tau9.00e-01_lam1.00e-01_eps1.00e-02", 0.45, 0.2, 0.9, 0.1),
-                                     ("tau9.00e-01_lam1.00e-02_eps1.00e-02_permute", 0.88, 0.55, 0.9, 0.01),
-                                     ("tau9.00e-01_lam1.00e-01_eps1.00e-02_permute", 0.4, 0.55, 0.9, 0.1)]:
-        lines += write_graded_row(tmp_path, name, grades(t), grades(t * ratio), tau, lam, 0.01 if lam else 0.0)
+    for row, t, ratio in [(grid.Row(1.0, 0.0, 0.0), 0.9, 0.6), (grid.Row(2.0, 0.0, 0.0), 0.5, 0.6),
+                          (grid.Row(0.9, 0.01, 0.01), 0.85, 0.2), (grid.Row(0.9, 0.1, 0.01), 0.45, 0.2),
+                          (grid.Row(0.9, 0.01, 0.01, "permute"), 0.88, 0.55),
+                          (grid.Row(0.9, 0.1, 0.01, "permute"), 0.4, 0.55)]:
+        lines += write_graded_row(tmp_path, row, grades(t), grades(t * ratio))
     write_registry(tmp_path, lines)
     report.main(["--exp-dir", str(tmp_path)])
     text = (tmp_path / "report.md").read_text()
@@ -176,11 +186,11 @@ def test_report_gives_the_ads_gap_with_a_bootstrap_interval_and_the_permutation_
 
 def test_a_row_with_several_seeds_reports_their_mean_and_their_holdout_nll(tmp_path):
     import yaml
-    row = "tau9.00e-01_lam1.00e-02_eps1.00e-02"
-    lines = [json.dumps(entry(f"eval_teacher_{row}", 0.8, 0.8, tau=0.9, lam=0.01, eps=0.01))]
+    row = grid.Row(0.9, 0.01, 0.01)
+    lines = [json.dumps(teacher_eval(row, 0.8, 0.8))]
     for seed, acc, nll in [(69, 0.30, 0.50), (70, 0.40, 0.60), (71, 0.50, 0.70)]:
-        lines.append(json.dumps(entry(f"eval_student_{row}_seed{seed}", acc, acc)))
-        summary = tmp_path / "models" / f"student_{row}_seed{seed}" / "train_summary.yaml"
+        lines.append(json.dumps(student_eval(row, acc, acc, seed=seed)))
+        summary = tmp_path / "models" / f"student_{row.name}_seed{seed}" / "train_summary.yaml"
         summary.parent.mkdir(parents=True)
         summary.write_text(yaml.safe_dump({"eval_losses": [{"step": 1, "epoch": 1, "loss": 9.0},
                                                            {"step": 2, "epoch": 2, "loss": nll}]}))
@@ -200,3 +210,45 @@ def test_bootstrap_resamples_seeds_so_disagreeing_seeds_widen_the_interval():
     split = {"r": (np.ones(n), np.stack([np.ones(n), np.ones(n), np.zeros(n), np.zeros(n)]))}  # seeds 100% or 0%
     spread = lambda g: np.std([d["r"][1] for d in report.bootstrap_accuracies(g, np.random.default_rng(0), 500)])
     assert spread(split) > 5 * spread(same)
+
+
+def old_registry_lines():
+    """The same sweep as written before registry lines recorded their role and row: names only."""
+    drop = ("role", "row", "student_seed")
+    rows = [teacher_eval(ADS, 0.8, 0.75), student_eval(ADS, 0.4, 0.35, seed=69), student_eval(ADS, 0.5, 0.45, seed=70),
+            teacher_eval(TEMPERATURE, 0.7, 0.6), student_eval(TEMPERATURE, 0.55, 0.5),
+            teacher_eval(grid.Row(0.9, 0.05, 0.01, "permute"), 0.85, 0.8),
+            entry("holdout", 0.91, 0.88, n=50), entry("eval_teacher_base", 0.9, 0.9), entry("eval_student_base", 0.2, 0.2),
+            entry(ADS.name, None, None), entry("cal_ads_0.90_lam1.00e-02", 0.9, 0.9)]
+    return [{k: v for k, v in e.items() if k not in drop} for e in rows], rows
+
+
+def test_a_registry_from_before_row_fields_is_refused_in_one_line_naming_the_migration(tmp_path):
+    old, _ = old_registry_lines()
+    path = write_registry(tmp_path, [json.dumps(e) for e in old])
+    with pytest.raises(ConfigError) as e:
+        report.main(["--exp-dir", str(tmp_path)])
+    assert len(e.value.messages) == 1 and f"{path}:1:" in e.value.msg
+    assert f"python migrate_registry.py {path}" in e.value.msg
+
+
+def test_migrating_an_old_registry_gives_each_line_the_fields_gentraces_now_records(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    old, new = old_registry_lines()
+    path = write_registry(tmp_path, [json.dumps(e) for e in old])
+    repo = Path(__file__).resolve().parents[1]
+    for _ in range(2):  # the second run finds nothing to add
+        res = subprocess.run([sys.executable, str(repo / "migrate_registry.py"), str(path)], capture_output=True,
+                             text=True, cwd=repo, check=True)
+    assert res.stdout.strip().endswith(": 0 lines gained role and row fields")
+    migrated = [json.loads(line) for line in path.read_text().splitlines()]
+    expected = {e["name"]: (e["role"], e["row"], e["student_seed"]) for e in new}
+    expected.update({"holdout": ("holdout", None, None), "eval_teacher_base": ("teacher_eval", None, None),
+                     "eval_student_base": ("student_eval", None, None), ADS.name: ("train", ADS.fields(), None),
+                     "cal_ads_0.90_lam1.00e-02": ("other", None, None)})
+    assert {e["name"]: (e["role"], e["row"], e["student_seed"]) for e in migrated} == expected
+    rows = report.collect_rows(report.load_registry(path))
+    assert [(r["series"], sorted(r["students"], key=str)) for r in rows] == [
+        ("ADS", [69, 70]), ("ADS, permuted penalty", []), ("temperature", [None])]

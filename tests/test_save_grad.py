@@ -83,6 +83,7 @@ def test_gradient_is_independent_of_batch_size(assets, g_batch4):
     assert_same(run_inprocess(proxy, traces, root / "g1.safetensors", batch_size=1), g_batch4)
 
 
+@pytest.mark.slow
 def test_gradient_is_independent_of_process_count(assets, g_batch4):
     root, proxy, traces = assets
     out = root / "g_2proc.safetensors"
@@ -167,6 +168,7 @@ def under_a_file(root, tmp_path):
     return {"out": tmp_path / "a_file" / "sub" / "g.safetensors"}
 
 
+@pytest.mark.slow  # a process per case (~3 s each to start torch); test_config_errors.py checks these in-process
 @pytest.mark.parametrize("bad,message", [
     ({"batch_sise": 4}, "unknown config key 'batch_sise' (did you mean 'batch_size'?)"),
     (lambda root, tmp_path: {"proxy": tmp_path / "no_such_proxy"}, "no_such_proxy'"),

@@ -1,4 +1,5 @@
-"""Tiny assets from make_assets.py: data schema, tokenizers, chat templates, a teacher that solves the test set."""
+"""Tiny assets from make_assets.py: data schema, tokenizers, chat templates, a teacher that solves the test set.
+The tests of the built assets are slow (the build trains a teacher); those of the builder's parts are fast."""
 import json
 import os
 import re
@@ -13,15 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import make_assets  # noqa: E402
+import utils  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ann has 3 apples."}]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "assets"
-    subprocess.run([sys.executable, os.path.join(REPO, "make_assets.py"), "--out", str(out)], check=True)
-    return out
 
 
 def read_jsonl(path):
@@ -42,9 +37,10 @@ def greedy(model, tok, ids, max_new_tokens):
     return tok.decode(ids[start:])
 
 
-def test_data_files_follow_gsm8k_schema_with_correct_answers(assets):
+@pytest.mark.slow
+def test_data_files_follow_gsm8k_schema_with_correct_answers(tiny_assets):
     for split, size in [("train", 200), ("test", 64)]:
-        rows = read_jsonl(assets / "data" / "gsm8k" / f"{split}.jsonl")
+        rows = read_jsonl(tiny_assets / "data" / "gsm8k" / f"{split}.jsonl")
         assert len(rows) == size
         for row in rows:
             assert set(row) == {"question", "answer"}
@@ -60,9 +56,10 @@ def test_data_files_follow_gsm8k_schema_with_correct_answers(assets):
             assert value == gold
 
 
-def test_train_and_test_questions_are_disjoint(assets):
-    train = {r["question"] for r in read_jsonl(assets / "data" / "gsm8k" / "train.jsonl")}
-    test = {r["question"] for r in read_jsonl(assets / "data" / "gsm8k" / "test.jsonl")}
+@pytest.mark.slow
+def test_train_and_test_questions_are_disjoint(tiny_assets):
+    train = {r["question"] for r in read_jsonl(tiny_assets / "data" / "gsm8k" / "train.jsonl")}
+    test = {r["question"] for r in read_jsonl(tiny_assets / "data" / "gsm8k" / "test.jsonl")}
     assert len(train) == 200 and len(test) == 64 and not train & test
 
 
@@ -90,35 +87,39 @@ def test_synth_traces_number_their_steps_like_the_question_lists_its_events():
     assert not any(re.search(r"^\d+\. ", p["question"] + make_assets.reasoning(p), re.M) for p in tiny)
 
 
-def test_teacher_and_proxy_share_tokenizer_but_not_vocab_width(assets):
-    teacher_tok = AutoTokenizer.from_pretrained(assets / "teacher")
-    proxy_tok = AutoTokenizer.from_pretrained(assets / "proxy")
+@pytest.mark.slow
+def test_teacher_and_proxy_share_tokenizer_but_not_vocab_width(tiny_assets):
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_assets / "teacher")
+    proxy_tok = AutoTokenizer.from_pretrained(tiny_assets / "proxy")
     assert teacher_tok.get_vocab() == proxy_tok.get_vocab()
-    teacher, proxy = AutoConfig.from_pretrained(assets / "teacher"), AutoConfig.from_pretrained(assets / "proxy")
+    teacher, proxy = (AutoConfig.from_pretrained(tiny_assets / name) for name in ("teacher", "proxy"))
     assert teacher.vocab_size != proxy.vocab_size
     assert min(teacher.vocab_size, proxy.vocab_size) > len(teacher_tok)
     assert not teacher.tie_word_embeddings and teacher.num_key_value_heads < teacher.num_attention_heads
 
 
-def test_student_tokenizer_differs_from_teacher(assets):
-    student = AutoTokenizer.from_pretrained(assets / "student")
-    teacher = AutoTokenizer.from_pretrained(assets / "teacher")
+@pytest.mark.slow
+def test_student_tokenizer_differs_from_teacher(tiny_assets):
+    student = AutoTokenizer.from_pretrained(tiny_assets / "student")
+    teacher = AutoTokenizer.from_pretrained(tiny_assets / "teacher")
     assert student.get_vocab() != teacher.get_vocab()
     assert student.eos_token == "<|eot_id|>" and student.pad_token == "<|finetune_right_pad_id|>"
-    assert AutoConfig.from_pretrained(assets / "student").vocab_size >= len(student)
+    assert AutoConfig.from_pretrained(tiny_assets / "student").vocab_size >= len(student)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["teacher", "proxy", "student"])
-def test_auto_tokenizer_encodes_like_the_saved_tokenizer_json(assets, name):
+def test_auto_tokenizer_encodes_like_the_saved_tokenizer_json(tiny_assets, name):
     # AutoTokenizer rebuilds qwen2 tokenizers with its own pre-tokenizer; the ids must not change.
-    tok = AutoTokenizer.from_pretrained(assets / name)
-    raw = Tokenizer.from_file(str(assets / name / "tokenizer.json"))
+    tok = AutoTokenizer.from_pretrained(tiny_assets / name)
+    raw = Tokenizer.from_file(str(tiny_assets / name / "tokenizer.json"))
     text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) + "12+7=19\n</think>"
     assert tok(text, add_special_tokens=False).input_ids == raw.encode(text, add_special_tokens=False).ids
 
 
-def test_teacher_generation_prompt_ends_in_think(assets):
-    tok = AutoTokenizer.from_pretrained(assets / "teacher")
+@pytest.mark.slow
+def test_teacher_generation_prompt_ends_in_think(tiny_assets):
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "teacher")
     text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert text == "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Ann has 3 apples.<｜Assistant｜><think>\n"
     ids = tok(text, add_special_tokens=False).input_ids
@@ -127,15 +128,17 @@ def test_teacher_generation_prompt_ends_in_think(assets):
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
 
 
-def test_teacher_template_drops_reasoning_from_assistant_messages(assets):
-    tok = AutoTokenizer.from_pretrained(assets / "teacher")
+@pytest.mark.slow
+def test_teacher_template_drops_reasoning_from_assistant_messages(tiny_assets):
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "teacher")
     reply = {"role": "assistant", "content": "3+4=7\n</think>\n\nThe answer is 7."}
     text = tok.apply_chat_template(MESSAGES + [reply], tokenize=False)
     assert text.endswith("<｜Assistant｜>\n\nThe answer is 7.<｜end▁of▁sentence｜>") and "3+4=7" not in text
 
 
-def test_student_template_uses_llama3_headers(assets):
-    tok = AutoTokenizer.from_pretrained(assets / "student")
+@pytest.mark.slow
+def test_student_template_uses_llama3_headers(tiny_assets):
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "student")
     text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
                     "<|start_header_id|>user<|end_header_id|>\n\nAnn has 3 apples.<|eot_id|>"
@@ -145,39 +148,40 @@ def test_student_template_uses_llama3_headers(assets):
 
 
 @pytest.fixture(scope="module")
-def teacher_runs(assets):
+def teacher_runs(tiny_assets):
     """Greedy completion and answer-forced continuation for every test problem."""
-    tok = AutoTokenizer.from_pretrained(assets / "teacher")
-    model = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "teacher").eval()
     system_prompt = make_assets.load_system_prompt()
     runs = []
-    for row in read_jsonl(assets / "data" / "gsm8k" / "test.jsonl"):
-        prompt = tok.apply_chat_template([{"role": "system", "content": system_prompt},
-                                          {"role": "user", "content": row["question"]}],
-                                         tokenize=False, add_generation_prompt=True)
+    for row in read_jsonl(tiny_assets / "data" / "gsm8k" / "test.jsonl"):
+        prompt = utils.render_generation_prompt(tok, system_prompt, row["question"])
         completion = greedy(model, tok, tok(prompt, add_special_tokens=False).input_ids, 64)
         closed = completion if "</think>" in completion else completion + "\n</think>"
-        forced_ids = tok(prompt + closed + make_assets.FORCE, add_special_tokens=False).input_ids
+        forced_ids = tok(prompt + closed + utils.AF_SUFFIX, add_special_tokens=False).input_ids
         runs.append((row["answer"].split("#### ")[-1], completion, greedy(model, tok, forced_ids, 32)))
     return runs
 
 
+@pytest.mark.slow
 def test_teacher_greedy_solves_most_test_problems(teacher_runs):
-    correct = [make_assets.last_boxed(completion) == gold for gold, completion, _ in teacher_runs]
+    correct = [utils.extract_boxed(completion) == gold for gold, completion, _ in teacher_runs]
     assert sum(correct) / len(correct) >= 0.8
 
 
+@pytest.mark.slow
 def test_teacher_answers_correctly_when_forced(teacher_runs):
-    correct = [forced.split("}")[0] == gold for gold, _, forced in teacher_runs]
+    correct = [utils.forced_answer(forced) == gold for gold, _, forced in teacher_runs]
     assert sum(correct) / len(correct) >= 0.8
 
 
-def test_complete_build_is_not_rebuilt(assets):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "make_assets.py"), "--out", str(assets)],
+@pytest.mark.slow
+def test_complete_build_is_not_rebuilt(tiny_assets):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "make_assets.py"), "--out", str(tiny_assets)],
                             check=True, capture_output=True, text=True)
     assert "already built" in result.stdout
-    manifest = json.loads((assets / "manifest.json").read_text())
-    assert manifest["teacher_test_accuracy"]["greedy"] >= 0.8 and (assets / ".complete").exists()
+    manifest = json.loads((tiny_assets / "manifest.json").read_text())
+    assert manifest["teacher_test_accuracy"]["greedy"] >= 0.8 and (tiny_assets / ".complete").exists()
 
 
 def test_a_tokenizer_relaid_to_a_real_layout_keeps_its_text_and_puts_specials_at_their_ids():

@@ -1,5 +1,4 @@
 """Config overrides, dataset splits, chat markers and grading (utils.py)."""
-import json
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
+import trace_fixtures as tf
 import utils
 
 R1_TEMPLATE = (
@@ -67,27 +67,22 @@ def test_overrides_are_parsed_as_yaml_values():
     assert cfg.tau == 0.9 and cfg.lam == 0.05 and cfg.max_samples is None and cfg.trace_name == "x"
 
 
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 @pytest.fixture
 def data_dir(tmp_path):
-    write_jsonl(tmp_path / "gsm8k/train.jsonl",
-                [{"question": f"q{i}", "answer": f"work\n#### {i}"} for i in range(100)])
-    write_jsonl(tmp_path / "gsm8k/test.jsonl",
-                [{"question": f"t{i}", "answer": f"#### {i}"} for i in range(10)])
+    tf.write_jsonl(tmp_path / "gsm8k/train.jsonl",
+                   [{"question": f"q{i}", "answer": f"work\n#### {i}"} for i in range(100)])
+    tf.write_jsonl(tmp_path / "gsm8k/test.jsonl",
+                   [{"question": f"t{i}", "answer": f"#### {i}"} for i in range(10)])
     for s in utils.MATH_SUBSETS:
         for part, n in (("train", 20), ("test", 5)):
-            write_jsonl(tmp_path / f"hendrycks_math/{s}/{part}.jsonl",
-                        [{"problem": f"{s}-{part}-{i}", "level": "Level 1", "type": s,
-                          "solution": f"so $\\boxed{{\\frac{{{i}}}{{2}}}}$"} for i in range(n)])
-    write_jsonl(tmp_path / "mmlu/auxiliary_train.jsonl",
-                [{"question": f"m{i}", "subject": "", "choices": ["a", "b", "c", "d"], "answer": i % 4}
-                 for i in range(30)])
-    write_jsonl(tmp_path / "mmlu/test.jsonl",
-                [{"question": f"mt{i}", "subject": "x", "choices": ["a", "b"], "answer": 1} for i in range(6)])
+            tf.write_jsonl(tmp_path / f"hendrycks_math/{s}/{part}.jsonl",
+                           [{"problem": f"{s}-{part}-{i}", "level": "Level 1", "type": s,
+                             "solution": f"so $\\boxed{{\\frac{{{i}}}{{2}}}}$"} for i in range(n)])
+    tf.write_jsonl(tmp_path / "mmlu/auxiliary_train.jsonl",
+                   [{"question": f"m{i}", "subject": "", "choices": ["a", "b", "c", "d"], "answer": i % 4}
+                    for i in range(30)])
+    tf.write_jsonl(tmp_path / "mmlu/test.jsonl",
+                   [{"question": f"mt{i}", "subject": "x", "choices": ["a", "b"], "answer": 1} for i in range(6)])
     return tmp_path
 
 
@@ -162,7 +157,6 @@ def test_boxed_extraction_handles_nesting_and_answer_forcing():
 
 
 def test_r1_style_consumer_does_not_repeat_think_from_its_generation_prompt():
-    import trace_fixtures as tf
     completion = tf.completion(3, 4, "coins", steps=1)
     assert completion.startswith("<think>\n")
     r1, llama = tf.make_tokenizer(tf.TEACHER), tf.make_tokenizer(tf.STUDENT)

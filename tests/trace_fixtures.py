@@ -1,9 +1,10 @@
-"""Tiny tokenizers, models and fabricated trace datasets for the save_grad and distill tests.
+"""Tiny tokenizers, models, fabricated trace datasets and source data files, shared by the tests.
 
 The "teacher" tokenizer has an R1-Distill-like template (the generation prompt ends in
 `<|Assistant|><think>\\n`); the "student" one a Llama-3-like template with its own specials.
 Both are byte-level BPE, so decode(encode(text)) == text and label checks can compare strings.
 """
+import json
 import random
 
 import torch
@@ -110,3 +111,9 @@ def save_traces(path, rows):
     import datasets
     datasets.Dataset.from_list(rows).save_to_disk(str(path))
     return path
+
+
+def write_jsonl(path, rows):
+    """Rows as a JSON-lines source file; a str row is written as it is (a malformed line on purpose)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

@@ -7,8 +7,8 @@ the cold/warm diagnostic.
 Reads an experiment folder as pipeline_synth.sh leaves it (or this folder, which keeps the same
 files): calibration/calibration.yaml, metadata/trace_registry.jsonl, traces/*.parquet (the eval grades;
 the train traces' completions where present, else analysis/line_counts.json), models/*/train_summary.yaml
-(or analysis/train_summaries/), diagnostic/. It imports report.py from the repository (the bootstrap);
-the commit it ran at is in the output's first line.
+(or analysis/train_summaries/), diagnostic/. It imports report.py (the bootstrap) and grid.py (row
+names) from the repository; the commit it ran at is in the output's first line.
 
     python results/synth/analyze.py --exp-dir exp/synth > results/synth/analysis/analysis.md
     python results/synth/analyze.py --exp-dir results/synth      # the same tables from the kept files
@@ -25,6 +25,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+import grid  # noqa: E402
 import report  # noqa: E402
 
 DRAWS = 2000
@@ -32,8 +33,8 @@ LINE_KINDS = {"redone": re.compile(r"^no, "), "check": re.compile(r"^check: "),
               "filler": re.compile(r"^(ok|next|so far so good)$")}
 
 
-def row_name(tau, lam, eps, control=None):
-    return f"tau{tau:.2e}_lam{lam:.2e}_eps{eps:.2e}" + (f"_{control}" if control else "")
+def row_name(tau, lam, eps, control="none"):
+    return grid.Row(tau, lam, eps, control).name
 
 
 def main_rows(exp):
