@@ -2,8 +2,8 @@
 # Antidistillation sampling end to end: holdout traces -> proxy gradient -> for each grid row
 # (train traces -> distilled student -> student eval -> teacher eval) -> report.
 # Every stage is skipped when its output exists, so a killed run is resumed by running it again.
-# Two phases: first the holdout traces, the gradient, the references and the train traces of the rows
-# that need no gradient (side by side when PARALLEL > 1); then every row's remaining stages.
+# Two phases: first the holdout traces, the gradient and the train traces of the rows that need no
+# gradient (side by side when PARALLEL > 1); then the references and every row's remaining stages.
 #
 #   bash pipeline.sh                                    # GSM8K, paper models, one 8-GPU node
 #   EXP_DIR=exp/gsm8k SHARD=0 NUM_SHARDS=4 bash pipeline.sh   # a quarter of the grid (one node of four)
@@ -248,12 +248,15 @@ wait_jobs() {
     ((failed == 0)) || { echo "pipeline: a stage failed; see the [prepare], [references] and [rows N] lines above" >&2; exit "$failed"; }
 }
 
-# phase 1: what needs neither the holdout traces nor the gradient runs beside their making
-job prepare prepare
+# phase 1, while the holdout traces or the gradient are missing: the train traces of the rows that
+# need neither run beside their making
+if [[ ! -d $TRACES/holdout || ! -f $GRADS ]]; then
+    job prepare prepare
+    for ((j = 0; j < PARALLEL; j++)); do job "rows $j" rows_on_gpu "$j" row_traces temperature; done
+    wait_jobs
+fi
+# phase 2: the references, and every row's remaining stages, rows dealt to PARALLEL loops in grid order
 ((SKIP_EVALS)) || job references run_references
-for ((j = 0; j < PARALLEL; j++)); do job "rows $j" rows_on_gpu "$j" row_traces temperature; done
-wait_jobs
-# phase 2: every row's remaining stages, rows dealt to PARALLEL loops in grid order
 for ((j = 0; j < PARALLEL; j++)); do job "rows $j" rows_on_gpu "$j" run_row; done
 wait_jobs
 

@@ -225,13 +225,14 @@ def test_parallel_row_loops_each_ran_a_row_and_phase_one_ran_beside_the_gradient
     lines = log.splitlines()
     starts = {line.split("]")[0] + "]" for line in lines if re.match(r"\[rows \d\] == .*: distill", line)}
     assert starts == {"[rows 0]", "[rows 1]", "[rows 2]"}
-    # phase 1: the temperature row's train traces ran beside the holdout traces and the references,
-    # which ran before any row's student; the ADS rows' traces waited for the gradient (phase 2)
+    # phase 1: the temperature row's train traces ran beside the holdout traces and the gradient; the
+    # ADS rows' traces waited for the gradient (phase 2), and the references ran beside the rows
     stage = lambda pattern: [i for i, line in enumerate(lines) if re.match(pattern, line)]  # noqa: E731
+    gradient = stage(r"\[prepare\] == .*proxy gradient")[0]
     temperature_traces = stage(r"\[rows \d\] == .*lam0\.00e\+00_eps0\.00e\+00: train traces")
-    assert len(temperature_traces) == 1 and temperature_traces[0] < stage(r"\[prepare\] == .*proxy gradient")[0]
-    assert max(stage(r"\[references\] == ")) < min(stage(r"\[rows \d\] == .*: distill"))
-    assert min(stage(r"\[rows \d\] == .*lam2\.00e-01.*: train traces")) > stage(r"\[prepare\] == .*proxy gradient")[0]
+    assert len(temperature_traces) == 1 and temperature_traces[0] < gradient
+    assert min(stage(r"\[rows \d\] == .*lam2\.00e-01.*: train traces")) > gradient
+    assert min(stage(r"\[references\] == ")) < max(stage(r"\[rows \d\] == "))
     assert [line.split(" ", 3)[3] for line in lines if line.startswith("[references] == ")] == \
         ["teacher greedy eval", "undistilled student eval"]
     # ROW_GPUS=0,1 deals the loops over the GPUs round-robin (on CPU the variable is simply unused)
