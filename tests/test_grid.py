@@ -132,6 +132,7 @@ def test_pipeline_refuses_a_bad_grid_parallel_or_row_gpus_before_any_stage(env, 
     assert not exp.exists()
 
 
+@pytest.mark.slow  # runs pipeline.sh into its first stage
 @pytest.mark.parametrize("launcher", ["python", "python -u", f"{sys.executable} -u"])
 def test_a_python_launcher_runs_the_stage_itself_with_no_rendezvous_port(launcher, tmp_path):
     (tmp_path / "no_teacher").mkdir()  # it exists, so the settings check passes, but holds no model
@@ -145,6 +146,7 @@ def test_a_python_launcher_runs_the_stage_itself_with_no_rendezvous_port(launche
     assert "main_process_port" not in res.stderr and "no_teacher" in res.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow  # runs pipeline.sh into its first stage
 def test_a_failed_first_phase_stops_the_pipeline_before_any_row_needs_the_gradient(tmp_path):
     (tmp_path / "no_teacher").mkdir()  # it exists, so the settings check passes, but holds no model
     bin_dir = str(Path(sys.executable).parent)
