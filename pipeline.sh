@@ -135,11 +135,10 @@ row_traces() {
     fi
 }
 
-# 4-5. one student of a row: distilled on the row's train traces, then evaluated greedily on the test
-# split; named as the row, with _seedN when SEEDS is set; further arguments go to distill.py
+# 4-5. one student of row NAME (its seed SEED, empty without SEEDS): distilled on the row's train
+# traces, then evaluated greedily on the test split, its registry line recording the caller's ROW_SPEC
 run_student() {
     local NAME=$1 STUDENT_NAME=$2 SEED=$3 MODEL_DIR=$MODELS/student_$2
-    shift 3
     if [[ ! -d $MODEL_DIR/final ]]; then
         stage "$STUDENT_NAME: distill"
         launch distill.py student="$STUDENT" student_tokenizer="$STUDENT_TOKENIZER" \
