@@ -30,7 +30,8 @@ matplotlib.use("Agg")  # no display on the nodes; must precede pyplot
 import matplotlib.pyplot as plt
 
 PERMUTED = "ADS, permuted penalty"  # the control series: same score, penalty shuffled over the vocabulary
-SERIES = {"ads": "ADS", "control": PERMUTED, "temperature": "temperature"}  # grid.Row.kind -> series label
+# a row's series label: by grid.Row.kind, and a control row's by its control (a new control adds its own)
+SERIES = {"ads": "ADS", "temperature": "temperature", "permute": PERMUTED}
 SERIES_STYLE = {"ADS": dict(marker="o", color="tab:red"), PERMUTED: dict(marker="^", color="tab:gray"),
                 "temperature": dict(marker="s", color="tab:blue")}
 # metric -> (registry key, per-problem parquet column, axis wording)
@@ -78,7 +79,7 @@ def collect_rows(entries: dict[str, dict]) -> list[dict]:
         fields = entry.get("row")
         if fields is None or entry["role"] not in ("teacher_eval", "student_eval"):
             continue
-        row = rows.setdefault(fields["name"], dict(fields, series=SERIES[fields["kind"]], teacher=None,
+        row = rows.setdefault(fields["name"], dict(fields, series=SERIES[fields["control"] if fields["kind"] == "control" else fields["kind"]], teacher=None,
                                                    student=None, students={}))
         if entry["role"] == "teacher_eval":
             row["teacher"] = entry
