@@ -52,7 +52,9 @@ def test_calibration_writes_the_band_rows_the_control_and_the_reference_with_the
     cal = yaml.safe_load((exp / "calibration" / "calibration.yaml").read_text())
     assert cal["fd_check"]["eps_auto"] and cal["eps"] in [float(f"{e:.2e}") for e in __import__("sampling").EPS_GRID]
     rows = rows_of(exp / "grid.txt")
-    assert [r[3] for r in rows if len(r) > 3] == ["permute"] and [f"{cal['ads_tau']:.2e}", "0", "0"] in rows
+    parsed = [grid.parse_row(" ".join(r)) for r in rows]
+    assert [r.control for r in parsed if r.kind == "control"] == ["permute"]
+    assert grid.Row(float(f"{cal['ads_tau']:.2e}"), 0.0, 0.0) in parsed  # the reference at the ADS rows' tau
     assert cal["plain_accuracy_at_ads_tau"] >= max(cal["targets"]) + 0.02  # the ADS rows' tau leaves them room
     assert sum(float(r[1]) > 0 for r in rows) == 2  # the ADS row and its permuted twin
     assert all(float(r[2]) == cal["eps"] for r in rows if float(r[1]) > 0)
