@@ -438,15 +438,18 @@ def _source_rows(key, data_dir):
 
 
 def _to_example(dataset, row):
-    """Source row -> {'question': user message text, 'gold': answer string for grading}."""
+    """Source row -> {'question': user message text, 'gold': answer string for grading, 'solution': the
+    worked answer as the dataset writes it (a few-shot example's answer)}."""
     if dataset == "gsm8k":
-        return {"question": row["question"], "gold": row["answer"].split("####")[-1].strip()}
+        return {"question": row["question"], "gold": row["answer"].split("####")[-1].strip(),
+                "solution": row["answer"]}
     if dataset == "hendrycks_math":
-        return {"question": row["problem"], "gold": extract_boxed(row["solution"]) or ""}
+        return {"question": row["problem"], "gold": extract_boxed(row["solution"]) or "", "solution": row["solution"]}
     row = row.get("train", row) if isinstance(row.get("train"), dict) else row
     letters = "ABCDEFGHIJ"
     choices = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(row["choices"]))
-    return {"question": f"{row['question']}\n\n{choices}", "gold": letters[int(row["answer"])]}
+    gold = letters[int(row["answer"])]
+    return {"question": f"{row['question']}\n\n{choices}", "gold": gold, "solution": f"The answer is {gold}."}
 
 
 def load_split(key, data_dir=None, max_samples=None):
@@ -533,6 +536,49 @@ def tokenize_example(tokenizer, system, question, completion, max_length, tail=N
     ids = (p_ids + c_ids)[:max_length]
     labels = ([-100] * len(p_ids) + c_ids)[:max_length]
     return ids, labels
+
+
+# few-shot prompts: the usual evaluation of a base model (the paper's undistilled-student baseline),
+# plain "Question: / Answer:" blocks with no chat template, each example answered by its dataset's own
+# solution (GSM8K's ends in "#### X"), so the model answers in that form and then goes on to write a
+# next question of its own, where its completion is cut
+FEWSHOT_QUESTION, FEWSHOT_ANSWER = "Question:", "Answer:"
+
+
+def fewshot_examples(split_key, data_dir, k, seed, exclude=()):
+    """k (question, solution) pairs from the train split of split_key's dataset, drawn by seed; questions
+    in `exclude` (the evaluated ones) are never drawn."""
+    dataset, _ = parse_split(split_key)
+    skip = set(exclude)
+    pool = [ex for ex in load_split(f"{dataset}_train", data_dir) if ex["question"] not in skip]
+    if len(pool) < k:
+        die(f"fewshot={k} needs {k} examples from {dataset}_train; it has {len(pool)}")
+    return [(ex["question"], ex["solution"]) for ex in random.Random(seed).sample(pool, k)]
+
+
+def render_fewshot_prompt(examples, question):
+    """Each example as 'Question: q\nAnswer: a' followed by a blank line, then the question, ending at 'Answer:'."""
+    shots = "".join(f"{FEWSHOT_QUESTION} {q}\n{FEWSHOT_ANSWER} {a}\n\n" for q, a in examples)
+    return f"{shots}{FEWSHOT_QUESTION} {question}\n{FEWSHOT_ANSWER}"
+
+
+def cut_at_next_question(text):
+    """A few-shot completion up to where the model starts a question of its own (the stop)."""
+    pos = text.find(f"\n{FEWSHOT_QUESTION}")
+    return text if pos < 0 else text[:pos].rstrip()
+
+
+def fewshot_answer(text):
+    """The answer a few-shot completion states: after its last '####' (GSM8K's solutions), else its
+    last \\boxed{} (MATH's), else after 'The answer is' (MMLU's); None when it states none."""
+    if "####" in text:
+        found = re.match(r"\s*([^\n]+)", text.rsplit("####", 1)[1])
+        return found.group(1).strip() if found else None
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    found = re.findall(r"The answer is\s*\(?([^\s.)]+)", text)
+    return found[-1] if found else None
 
 
 TRACE_COLUMNS = ("idx", "system", "question", "completion")  # what every consumer of traces reads
@@ -660,6 +706,33 @@ def append_registry(exp_dir, entry):
         f.flush()
         os.fsync(f.fileno())
         fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_registry(path):
+    """Registry entries by name (report.py, viewer.py); a name appended again (a rerun) replaces the
+    earlier entry. A line that is not an entry as gentraces.py writes it is one error line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"registry not found: {path} (gentraces.py appends a line to it for every finished trace)")
+    entries = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                entries[entry["name"]] = entry
+            except (json.JSONDecodeError, TypeError, KeyError) as e:
+                die(f"{path}:{lineno}: malformed registry line ({type(e).__name__}: {e})")
+            if "role" not in entry:
+                die(f"{path}:{lineno}: a registry line without the role and row fields that gentraces.py records "
+                    f"(written by an older version); add them once with: python migrate_registry.py {path}")
+            for key in ("raw_accuracy", "af_accuracy"):
+                value = entry.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not 0 <= value <= 1):
+                    die(f"{path}:{lineno}: {key} must be a number in [0, 1] or null, got {value!r}")
+    return entries
 
 
 def to_yaml(obj):
