@@ -4,13 +4,17 @@ An example is the prompt rendered by the student's own chat template, then the t
 and the student's EOS; only completion tokens count in the loss. Evaluates on the holdout traces and
 checkpoints every eval_every epochs, resumes from the latest checkpoint when restarted, and at the end
 merges the LoRA and writes model + student tokenizer to output_dir/final (the stage's sentinel).
+report_to=tensorboard or wandb also logs the training and holdout losses to output_dir/runs (off by
+default; wandb runs offline without WANDB_API_KEY).
 
     accelerate launch --config_file acc_config.yaml distill.py train_traces=exp/traces/NAME \
-        eval_traces=exp/traces/holdout output_dir=exp/models/student_NAME
+        eval_traces=exp/traces/holdout output_dir=exp/models/student_NAME [report_to=tensorboard]
+    tensorboard --logdir exp/models    # one run per student: its training loss and holdout loss
 """
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,6 +35,7 @@ from utils import (Attention, Count, Dtype, ModelPath, NonNegative, NonNegativeI
                    Seed, Settings, TracesPath, atomic_publish_dir, atomic_write_text, cap_cuda_memory, checked, die,
                    load_config, load_model, load_tokenizer, load_traces, log, peak_gpu_gib, run_cli, seed_everything,
                    to_yaml, tokenize_traces, torch_dtype)
+import tracking  # noqa: E402
 
 
 def scheduler_problem(name):
@@ -72,6 +77,12 @@ class TrainSettings(Settings):
     seed: Seed
     eval_every: Positive                    # in epochs
     output_dir: OutputDir
+    report_to: Literal[tracking.REPORT_TO]
+
+    def problems(self, context):
+        # a missing tensorboard or wandb would otherwise fail in Trainer(), after the model load
+        problem = tracking.missing_package(self.report_to)
+        return [problem] if problem else []
 
 
 def settings(argv, pending=()):
@@ -185,8 +196,32 @@ def training_args(cfg, accum, eval_steps, has_eval, dtype):
         use_cpu=not torch.cuda.is_available(),  # several CPU processes then talk over gloo
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
-        report_to="none",
+        report_to=cfg.report_to,
     )
+
+
+@contextmanager
+def tensorboard_dir(path):
+    """transformers 5 has no logging_dir: its TensorBoardCallback takes TENSORBOARD_LOGGING_DIR when the
+    Trainer builds it, else output_dir/runs/DATE_HOST, which here is inside checkpoints/. Set only while
+    the Trainer is built, so a later run in this process does not inherit it."""
+    old = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR")
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = old
+
+
+def open_wandb_run(cfg, is_main):
+    """wandb: the run is opened here, with this project's name, dir and offline default; Trainer's
+    WandbCallback finds it open and logs into it (it would otherwise open an online 'huggingface' one)."""
+    if cfg.report_to != "wandb" or not is_main:
+        return tracking.NoTracker()
+    return tracking.open_tracker("wandb", Path(cfg.output_dir) / "runs", Path(cfg.output_dir).name, vars(cfg))
 
 
 def latest_checkpoint(checkpoints):
@@ -251,8 +286,10 @@ def main(argv):
     model = student_model(cfg, device)
     accum, steps_per_epoch, eval_steps = schedule(cfg, len(train), world)
     args = training_args(cfg, accum, eval_steps, evals is not None, torch_dtype(cfg.dtype, device))
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                      data_collator=partial(collate, pad_id=tokenizer.pad_token_id))
+    run = open_wandb_run(cfg, int(os.environ.get("RANK", 0)) == 0)
+    with tensorboard_dir(Path(cfg.output_dir) / "runs"):
+        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                          data_collator=partial(collate, pad_id=tokenizer.pad_token_id))
     resumed_from = latest_checkpoint(args.output_dir)
     log(f"{len(train)} train / {len(evals or [])} eval examples (dropped {dropped_train} / {dropped_eval}), "
         f"{steps_per_epoch} steps per epoch, eval and checkpoint every {eval_steps}"
@@ -268,6 +305,7 @@ def main(argv):
                           to_yaml(summary(cfg, trainer, result, resumed_from, counts)))
         save_final(trainer.model, tokenizer, cfg.output_dir)
         log(f"wrote {Path(cfg.output_dir) / 'final'}")
+    run.close()
 
 
 if __name__ == "__main__":

@@ -267,6 +267,7 @@ TRAIN_CASES = [
     ("train_traces_empty", lambda i, t: {"train_traces": i / "empty_traces"}, "is empty"),
     ("eval_traces_not_a_dataset", lambda i, t: {"eval_traces": i / "not_a_dataset"}, "(no state.json"),
     ("output_dir_under_a_file", lambda i, t: {"output_dir": i / "a_file" / "out"}, "a_file is a file"),
+    ("report_to_unknown", {"report_to": "mlflow"}, "report_to must be 'none', 'tensorboard' or 'wandb', got 'mlflow'"),
 ]
 
 
@@ -277,6 +278,17 @@ def test_distill_bad_setting_is_one_error_line_before_any_model_loads(bad, messa
     status, err = run_in_process(distill, args_of(train_base(inputs, tmp_path), bad, inputs, tmp_path),
                                  monkeypatch, capsys)
     assert_one_error_line(status, err, message)
+    assert snapshot(inputs) + snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("report_to", ["tensorboard", "wandb"])
+def test_distill_report_to_without_its_package_is_one_error_line_before_any_model_loads(
+        report_to, inputs, tmp_path, monkeypatch, capsys, no_model_loads):
+    monkeypatch.setitem(sys.modules, report_to, None)  # as if not installed: find_spec and import fail
+    before = snapshot(inputs) + snapshot(tmp_path)
+    status, err = run_in_process(distill, args_of(train_base(inputs, tmp_path), {"report_to": report_to}, inputs,
+                                                  tmp_path), monkeypatch, capsys)
+    assert_one_error_line(status, err, f"report_to={report_to} needs the {report_to} package: pip install {report_to}")
     assert snapshot(inputs) + snapshot(tmp_path) == before
 
 

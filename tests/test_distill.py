@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distill
 import trace_fixtures as tf
+import tracking
+from test_tracking import scalars_in
 from utils import ConfigError, load_tokenizer, render_generation_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +75,40 @@ def test_short_run_writes_a_merged_model_and_summary(assets):
     assert [e["step"] for e in summary["eval_losses"]] == [2, 4]
     losses = [e["loss"] for e in summary["train_losses"]]
     assert losses[-1] < losses[0]
+
+
+def test_report_to_tensorboard_logs_the_training_and_eval_losses_to_output_dir_runs(assets):
+    pytest.importorskip("tensorboard")
+    root, _, _, _ = assets
+    out = root / "tensorboard"
+    env_before = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    summary = run(assets, out, "report_to=tensorboard")
+    assert list((out / "runs").glob("events.out.tfevents.*")) and not (out / "checkpoints" / "runs").exists()
+    scalars = scalars_in(out / "runs")
+    assert [step for step, _ in scalars["train/loss"]] == [e["step"] for e in summary["train_losses"]] == [1, 2, 3, 4]
+    assert [step for step, _ in scalars["eval/loss"]] == [e["step"] for e in summary["eval_losses"]] == [2, 4]
+    assert [v for _, v in scalars["eval/loss"]] == pytest.approx([e["loss"] for e in summary["eval_losses"]])
+    assert os.environ.get("TENSORBOARD_LOGGING_DIR") == env_before  # set only while the Trainer was built
+
+
+def test_report_to_wandb_logs_offline_into_output_dir_runs(assets, monkeypatch):
+    pytest.importorskip("wandb")  # not in the test extra (large); pip install -e '.[track]' brings it
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    seen = {}
+    close = tracking.WandbTracker.close
+
+    def keep_run_then_close(self):  # what the run holds when distill closes it
+        seen.update(project=self.run.project, name=self.run.name, offline=self.run.offline,
+                    keys=set(self.run.summary.keys()))
+        close(self)
+    monkeypatch.setattr(tracking.WandbTracker, "close", keep_run_then_close)
+    root, _, _, _ = assets
+    out = root / "student_wandb"
+    run(assets, out, "report_to=wandb")
+    assert seen["project"] == "antidistillation-sampling" and seen["name"] == "student_wandb" and seen["offline"]
+    assert {"train/loss", "eval/loss"} <= seen["keys"]
+    assert list((out / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_lora_r_0_fine_tunes_every_weight(assets):
