@@ -3,7 +3,8 @@
 Reads EXP_DIR/metadata/trace_registry.jsonl (the last line of a name wins), groups the teacher and
 student evals by the grid row that each line records (its fields, from grid.py; names are never
 parsed), and writes EXP_DIR/tradeoff.png, then EXP_DIR/report.md (the stage's sentinel, so it is
-written last and renamed into place).
+written last and renamed into place). Before it, EXP_DIR/traces.html (viewer.py): the train traces'
+recorded tokens side by side across the grid rows, each coloured by how far the sampler moved it.
 
 The gap is the mean over matched teacher accuracy of student(ADS) - student(temperature), each curve
 linearly interpolated through its rows, over the teacher-accuracy range both series cover; negative
@@ -15,7 +16,6 @@ answer-forced accuracy (the paper's), or with --metric raw the answer boxed in t
     python report.py --exp-dir exp/gsm8k
     python report.py --exp-dir exp/synth --metric raw
 """
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -24,7 +24,8 @@ import matplotlib
 import numpy as np
 
 import utils
-from utils import die
+import viewer
+from utils import die, load_registry
 
 matplotlib.use("Agg")  # no display on the nodes; must precede pyplot
 import matplotlib.pyplot as plt
@@ -39,32 +40,6 @@ METRICS = {"af": ("af_accuracy", "af_correct", "answer-forced"),
            "raw": ("raw_accuracy", "raw_correct", "answer boxed in the trace")}
 BOOTSTRAP = 2000         # resamples of the test problems
 BOOTSTRAP_SEED = 0
-
-
-def load_registry(path: Path) -> dict[str, dict]:
-    """Registry entries by name; a name appended again (a rerun) replaces the earlier entry. A line
-    that is not an entry as gentraces.py writes it is one error line naming it."""
-    if not path.is_file():
-        die(f"registry not found: {path} (gentraces.py appends a line to it for every finished trace)")
-    entries = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                entries[entry["name"]] = entry
-            except (json.JSONDecodeError, TypeError, KeyError) as e:
-                die(f"{path}:{lineno}: malformed registry line ({type(e).__name__}: {e})")
-            if "role" not in entry:
-                die(f"{path}:{lineno}: a registry line without the role and row fields that gentraces.py records "
-                    f"(written by an older version); add them once with: python migrate_registry.py {path}")
-            for key in ("raw_accuracy", "af_accuracy"):
-                value = entry.get(key)
-                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                          or not 0 <= value <= 1):
-                    die(f"{path}:{lineno}: {key} must be a number in [0, 1] or null, got {value!r}")
-    return entries
 
 
 def collect_rows(entries: dict[str, dict]) -> list[dict]:
@@ -91,10 +66,11 @@ def collect_rows(entries: dict[str, dict]) -> list[dict]:
     return sorted(rows.values(), key=lambda r: (order.index(r["series"]), r["tau"], r["lam"]))
 
 
-def reference(entries: dict[str, dict], role: str) -> dict | None:
+def reference(entries: dict[str, dict], role: str, fewshot: bool = False) -> dict | None:
     """The last eval of this role that belongs to no grid row (the teacher greedy, the undistilled
-    student), or the holdout traces; None when it has not run."""
-    found = [e for e in entries.values() if e["role"] == role and e.get("row") is None]
+    student zero-shot, or with fewshot its few-shot eval), or the holdout traces; None when it has not run."""
+    found = [e for e in entries.values() if e["role"] == role and e.get("row") is None
+             and bool(e.get("fewshot")) == fewshot]
     return found[-1] if found else None
 
 
@@ -284,6 +260,11 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: li
                         ("Undistilled student on test", "student_eval")]:
         if reference(entries, role):
             lines += ["", summary_line(label, reference(entries, role))]
+    fewshot = reference(entries, "student_eval", fewshot=True)
+    if fewshot:
+        lines += ["", summary_line(f"Undistilled student on test, {fewshot['fewshot']}-shot plain prompts (how base "
+                                   "models are usually evaluated, and the paper's baseline; af = the stated answer)",
+                                   fewshot)]
     if gaps:
         lines += ["", f"Student-accuracy gap ({metric}, percent points), curves interpolated over the teacher "
                   "accuracy both series reach; intervals resample each row's students (seeds), then the test "
@@ -335,7 +316,7 @@ class ReportSettings(utils.Settings):
 
     def problems(self, context):
         out = []
-        for name in ("report.md", "tradeoff.png"):
+        for name in ("report.md", "tradeoff.png", "traces.html"):
             problem = utils.output_file_problem(Path(self.exp_dir) / name)
             if problem:
                 out.append(f"{Path(self.exp_dir) / name} {problem}")
@@ -360,6 +341,8 @@ def main(argv=None) -> None:
         die(f"{registry} has no grid-row evals (eval_teacher_/eval_student_tau.._lam.._eps..): nothing to report")
     gaps = gap_summary(rows, exp_dir, args.metric)
     plot_tradeoff(rows, entries, exp_dir / "tradeoff.png", gaps, args.metric)
+    shown = viewer.write_traces_html(entries, exp_dir, exp_dir / "traces.html")
+    print(f"report.py: {exp_dir}/traces.html shows {shown} train traces token by token")
     write_table(rows, entries, exp_dir / "report.md", gaps, args.metric)
     print(f"report.py: {len(rows)} grid rows -> {exp_dir}/report.md, {exp_dir}/tradeoff.png")
 

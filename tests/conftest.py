@@ -37,6 +37,16 @@ def proxy():
     return tiny_qwen(vocab_size=72, seed=1, hidden=16)
 
 
+@pytest.fixture
+def chromium():
+    """Headless Chromium is a test dependency that CI installs (.ci/run): missing there is a failure."""
+    import shutil
+    if shutil.which("chromium") is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed, and CI must run the browser tests (.ci/run installs it)")
+        pytest.skip("chromium not installed (Debian: apt-get install -y chromium); CI runs these tests")
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """The tiny teacher/proxy/student and GSM8K-schema data from make_assets.py (built once). The build
