@@ -989,8 +989,8 @@ class Engine:
 def generate(models, prompts, rows, max_new, params, batch_size, progress=None, *,
              refill=True, check_every=None, timings=None, compile_layers=True, fused=True, fused_prefill=True):
     """Drop-in for sampling.generate_reference over any number of prompts with `batch_size` decode
-    slots.  progress(n) is called with the number of newly generated tokens at each check (every
-    `check_every` steps: 16 on GPU, 1 on CPU).  refill=False waits for a whole batch to finish
+    slots.  progress(tokens, rows) is called with the tokens generated and the rows finished since its
+    last call, at each check (every `check_every` steps: 16 on GPU, 1 on CPU).  refill=False waits for a whole batch to finish
     before starting the next (a static batch, for comparison).  timings, if a dict, receives
     setup (weight re-lay, compilation, capture), prefill and decode seconds (with device syncs
     around prefill, for benchmarks).  compile_layers: on GPU, fuse each block's small kernels with
@@ -1054,8 +1054,8 @@ def _serve(engine, prompts, rows, max_new, queue, tokens, ended, progress, refil
                 ended[owner[s]] = eos[s]
         if progress:
             new = sum(n_gen[s] - counted[s] for s in range(engine.slots) if owner[s] is not None)
-            if new:
-                progress(new)
+            if new or finished:
+                progress(new, len(finished))
         for s in range(engine.slots):
             counted[s] = n_gen[s]
         for s in finished:

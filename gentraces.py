@@ -21,13 +21,15 @@ from pydantic import Field
 
 import grid
 import sampling
+import tracking
 import utils
 from utils import die
 
 
 # the columns gentraces.py writes itself; trace_colname may not take one of their names
 OWN_COLUMNS = ("idx", "question", "gold", "system", "prompt", "completion", "has_marker", "n_tokens", "finished",
-               "forced", "raw_pred", "af_pred", "raw_correct", "af_correct")
+               "forced", "raw_pred", "af_pred", "raw_correct", "af_correct", "tokens")
+VIEWER_ALTERNATIVES = 4  # top alternatives recorded per token for the trace viewer
 
 
 class GenSettings(utils.Settings):
@@ -44,11 +46,13 @@ class GenSettings(utils.Settings):
     data_split: Literal[tuple(utils.VALID_SPLITS)]
     data_dir: utils.InputDir | None
     max_samples: utils.Count | None
+    fewshot: utils.NonNegativeInt
     system_prompt: str | None
     seed: utils.Seed
     batch_size: utils.Count
     max_length: utils.Count
     max_prompt_length: utils.Count
+    max_new_tokens: utils.Count | None
     tau: utils.NonNegative
     lam: float                                  # < 0 tilts toward the proxy (pro-distillation): allowed, with a notice
     eps: utils.NonNegative | Literal["auto"]    # > 0 or auto when lam != 0
@@ -59,6 +63,7 @@ class GenSettings(utils.Settings):
     repetition_penalty: utils.Positive
     ads_mode: Literal["fd", "jvp"]
     ads_control: Literal[("none", *grid.CONTROLS)]
+    token_details: utils.NonNegativeInt
     answer_force: bool
     answer_force_tokens: utils.Count
     engine: Literal["auto", "eager", "reference"]
@@ -68,6 +73,7 @@ class GenSettings(utils.Settings):
     role: Literal["holdout", "train", "teacher_eval", "student_eval", "other"]
     grid_row: str | None
     student_seed: utils.Seed | None
+    report_to: Literal[tracking.REPORT_TO]
 
     def problems(self, context):
         out = []
@@ -89,7 +95,8 @@ class GenSettings(utils.Settings):
             out.append(f"ads_control={self.ads_control} permutes the ADS penalty; it needs lam != 0")
         if self.lam:
             out += self.ads_problems(context)
-        return out
+        problem = tracking.missing_package(self.report_to)
+        return out + [problem] if problem else out
 
     def row_problems(self):
         """The row a trace set records must be the row it samples: a train or teacher-eval set samples
@@ -144,14 +151,21 @@ def sampling_params(cfg):
 
 
 def load_prompts(cfg, tokenizer):
-    """Render every question with the generating model's own chat template; prompts longer than
-    max_prompt_length are dropped and counted."""
+    """Render every question with the generating model's own chat template (or, with fewshot=k, after k
+    worked examples as plain text: a base model's evaluation); prompts longer than max_prompt_length are
+    dropped and counted. The marker is where a completion starts (None for few-shot prompts: at their end)."""
     examples = utils.load_split(cfg.data_split, cfg.data_dir, cfg.max_samples)
-    marker = utils.assistant_marker(tokenizer)
+    shots = utils.fewshot_examples(cfg.data_split, cfg.data_dir, cfg.fewshot, cfg.seed,
+                                   [ex["question"] for ex in examples]) if cfg.fewshot else None
+    marker = None if shots else utils.assistant_marker(tokenizer)
     kept, dropped = [], 0
     for ex in examples:
-        text = utils.render_generation_prompt(tokenizer, cfg.system_prompt, ex["question"])
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if shots:  # plain text: the tokenizer adds the model's BOS itself, as in pretraining
+            text = utils.render_fewshot_prompt(shots, ex["question"])
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        else:
+            text = utils.render_generation_prompt(tokenizer, cfg.system_prompt, ex["question"])
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.max_prompt_length:
             dropped += 1
             continue
@@ -252,9 +266,9 @@ def load_models(cfg, tokenizer, grads, checks, params, state):
 
 def run_fingerprint(cfg):
     """Chunks on disk are reused only by a run with the same generation-relevant config."""
-    keys = ("teacher", "proxy", "grad_path", "dtype", "data_split", "data_dir", "max_samples",
-            "system_prompt", "seed", "max_length", "max_prompt_length", "tau", "lam", "eps", "top_p",
-            "top_k", "repetition_penalty", "ads_mode", "answer_force", "answer_force_tokens")
+    keys = ("teacher", "proxy", "grad_path", "dtype", "data_split", "data_dir", "max_samples", "fewshot",
+            "system_prompt", "seed", "max_length", "max_prompt_length", "max_new_tokens", "tau", "lam", "eps",
+            "top_p", "top_k", "repetition_penalty", "ads_mode", "answer_force", "answer_force_tokens")
     blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -295,24 +309,58 @@ def answer_force(models, tokenizer, rows, cfg, batch_size, engine):
 
 
 def generate_chunk(models, tokenizer, chunk, marker, cfg, params, progress):
-    budgets = [cfg.max_length - len(ex["prompt_ids"]) for ex in chunk]
+    budgets = [min(cfg.max_length - len(ex["prompt_ids"]), cfg.max_new_tokens or cfg.max_length) for ex in chunk]
     outs, ended = sampling.generate(models, [ex["prompt_ids"] for ex in chunk], [ex["idx"] for ex in chunk],
                                     budgets, params, cfg.batch_size, cfg.engine, progress)
     rows = []
     for ex, gen, fin in zip(chunk, outs, ended):
-        split = utils.split_at_marker(ex["rendered"], marker)
+        split = (ex["rendered"], "") if marker is None else utils.split_at_marker(ex["rendered"], marker)
         prompt, head = split if split else (ex["rendered"], "")
         completion = head + tokenizer.decode(gen, skip_special_tokens=False)
+        if marker is None:
+            completion = utils.cut_at_next_question(completion)
         rows.append({"idx": ex["idx"], "question": ex["question"], "gold": ex["gold"],
-                     "system": cfg.system_prompt, "prompt": prompt, "completion": completion,
+                     "system": None if marker is None else cfg.system_prompt, "prompt": prompt, "completion": completion,
                      "has_marker": split is not None, "n_tokens": len(gen), "finished": bool(fin),
                      "prompt_ids": ex["prompt_ids"], "gen_ids": gen})
-    forced = answer_force(models, tokenizer, rows, cfg, cfg.batch_size, cfg.engine) if cfg.answer_force \
-        else [""] * len(rows)
+    # a few-shot completion is graded on the answer it states, as the base-model evaluation does
+    forced = answer_force(models, tokenizer, rows, cfg, cfg.batch_size, cfg.engine) \
+        if cfg.answer_force and not cfg.fewshot else [""] * len(rows)
     for row, f in zip(rows, forced):
         row["forced"] = f
+        row["tokens"] = json.dumps(token_details(models, tokenizer, params, row)) \
+            if row["idx"] < cfg.token_details else ""
         del row["prompt_ids"], row["gen_ids"]
     return rows
+
+
+def token_texts(tokenizer, ids):
+    """Each token's piece of the decoded text, joining to decode(ids): a character spread over several
+    byte-level tokens is given to the last of them (decoded alone, each would be a replacement mark)."""
+    pieces, done = [], ""
+    for t in range(len(ids)):
+        text = tokenizer.decode(ids[:t + 1])
+        if (text.endswith("\ufffd") and t + 1 < len(ids)) or not text.startswith(done):
+            pieces.append("")
+            continue
+        pieces.append(text[len(done):])
+        done = text
+    return pieces
+
+
+def token_details(models, tokenizer, params, row):
+    """What the trace viewer shows of one trace: per generated token its text, the teacher's log-prob
+    (lp), the ADS term of its score (ads) and the top alternatives by score as [text, lp, ads]."""
+    logprobs, ads = sampling.token_terms(models, params, row["prompt_ids"], row["gen_ids"], row["idx"])
+    score = logprobs / params.tau + ads if params.tau else logprobs
+    top = score.topk(min(VIEWER_ALTERNATIVES + 1, score.shape[-1]), dim=-1).indices.tolist() if len(score) else []
+    r3 = lambda x: round(float(x), 3)  # noqa: E731
+    tokens = []
+    for t, (tok, text, alts) in enumerate(zip(row["gen_ids"], token_texts(tokenizer, row["gen_ids"]), top)):
+        tokens.append({"t": text, "lp": r3(logprobs[t, tok]), "ads": r3(ads[t, tok]),
+                       "alt": [[tokenizer.decode([a]), r3(logprobs[t, a]), r3(ads[t, a])]
+                               for a in alts if a != tok][:VIEWER_ALTERNATIVES]})
+    return {"tau": params.tau, "lam": params.lam, "control": params.control, "tokens": tokens}
 
 
 def generate_all(cfg, params, state, models, tokenizer, examples, marker, work):
@@ -321,19 +369,36 @@ def generate_all(cfg, params, state, models, tokenizer, examples, marker, work):
     chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
     mine = [c for c in range(len(chunks)) if c % state.num_processes == state.process_index]
     todo = [c for c in mine if not (work / f"chunk{c:05d}.jsonl").exists()]
-    bar = progress_bar(state, sum(len(chunks[c]) for c in mine), sum(len(chunks[c]) for c in mine if c not in todo))
+    progress = Progress(state, sum(len(chunks[c]) for c in mine), sum(len(chunks[c]) for c in mine if c not in todo))
     for c in todo:
-        rows = generate_chunk(models, tokenizer, chunks[c], marker, cfg, params, None)
+        rows = generate_chunk(models, tokenizer, chunks[c], marker, cfg, params, progress)
         utils.atomic_write_text(work / f"chunk{c:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        bar.update(len(rows))
-    bar.close()
+        progress.chunk_done(len(rows))
+    progress.bar.close()
     return len(chunks)
 
 
-def progress_bar(state, total, done):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=done, desc=f"traces (rank {state.process_index})", unit="row",
-                disable=not state.is_main_process, dynamic_ncols=True)
+class Progress:
+    """The stage's progress line: rows finished of this process's share, tokens/s and the time left,
+    moved by the decoder as rows finish (not once per chunk)."""
+
+    def __init__(self, state, total, done):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=done, desc=f"traces (rank {state.process_index})", unit="row",
+                        disable=not state.is_main_process, dynamic_ncols=True)
+        self.tokens, self.in_chunk = 0, 0
+
+    def __call__(self, tokens, rows):
+        self.tokens += tokens
+        self.in_chunk += rows
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+        self.bar.update(rows)
+
+    def chunk_done(self, n_rows):
+        """Rows that needed no decoding (an empty budget) are counted when their chunk is written."""
+        self.bar.update(n_rows - self.in_chunk)
+        self.in_chunk = 0
 
 
 def gather(work, n_chunks):
@@ -345,9 +410,9 @@ def gather(work, n_chunks):
     return sorted(rows, key=lambda r: r["idx"])
 
 
-def grade(rows, dataset, colname):
+def grade(rows, dataset, colname, fewshot=False):
     for r in rows:
-        r["raw_pred"] = utils.extract_boxed(r["completion"])
+        r["raw_pred"] = utils.fewshot_answer(r["completion"]) if fewshot else utils.extract_boxed(r["completion"])
         r["af_pred"] = utils.forced_answer(r["forced"]) if r["forced"] else r["raw_pred"]
         r["raw_correct"] = utils.is_correct(dataset, r["raw_pred"], r["gold"])
         r["af_correct"] = utils.is_correct(dataset, r["af_pred"], r["gold"])
@@ -393,11 +458,23 @@ def save_outputs(cfg, rows, stats, diagnostics):
         "tau": float(cfg.tau), "lam": float(cfg.lam or 0.0), "eps": float(diagnostics["eps"]),
         "n": stats["n"], "raw_accuracy": stats["raw_accuracy"], "af_accuracy": stats["af_accuracy"],
         "role": cfg.role, "row": grid.parse_row(cfg.grid_row).fields() if cfg.grid_row else None,
-        "student_seed": cfg.student_seed,
+        "student_seed": cfg.student_seed, "fewshot": cfg.fewshot,
         **{k: diagnostics[k] for k in FD_REGISTRY_KEYS if k in diagnostics}})
     tmp_dir = traces / f".{name}.tmp-{os.getpid()}"
     ds.save_to_disk(str(tmp_dir))
     utils.atomic_publish_dir(tmp_dir, traces / name)
+
+
+def log_stage_numbers(cfg, stats, diagnostics):
+    """The run's accuracy, speed and FD quality to the tracker report_to names (EXP_DIR/runs/NAME)."""
+    numbers = {"af_accuracy": stats["af_accuracy"], "raw_accuracy": stats["raw_accuracy"],
+               "tokens_per_s": stats["generated_tokens"] / max(stats["wall_seconds"], 1e-9),
+               "length_mean": stats["length_mean"], "wall_s": stats["wall_seconds"],
+               **{k: diagnostics[k] for k in ("fd_cosine_median", "fd_rel_error_median", "eps") if k in diagnostics}}
+    tracker = tracking.open_tracker(cfg.report_to, Path(cfg.exp_dir) / "runs" / cfg.trace_name, cfg.trace_name,
+                                    vars(cfg))
+    tracker.log({f"gentraces/{k}": v for k, v in numbers.items() if v is not None})
+    tracker.close()
 
 
 def main(argv):
@@ -422,12 +499,13 @@ def main(argv):
     n_chunks = generate_all(cfg, params, state, models, tokenizer, examples, marker, work)
     if not state.is_main_process:
         return
-    rows = grade(gather(work, n_chunks), utils.parse_split(cfg.data_split)[0], cfg.trace_colname)
+    rows = grade(gather(work, n_chunks), utils.parse_split(cfg.data_split)[0], cfg.trace_colname, cfg.fewshot > 0)
     stats = trace_stats(rows, n_dropped, time.time() - start)
     diagnostics = {**models.diagnostics, "eps": params.eps, "processes": state.num_processes, "device": str(state.device),
                    "engine": cfg.engine, "vocab_size": models.vocab_size,
                    "peak_gpu_memory_gib": utils.peak_gpu_gib(state.device), "memory_cap_gib": memory_cap}
     save_outputs(cfg, rows, stats, diagnostics)
+    log_stage_numbers(cfg, stats, diagnostics)
     shutil.rmtree(work, ignore_errors=True)
     utils.log(f"{cfg.trace_name}: n={stats['n']} raw_acc={stats['raw_accuracy']:.3f} "
               f"af_acc={stats['af_accuracy']:.3f} mean_len={stats['length_mean']:.1f}")

@@ -283,6 +283,28 @@ def exact_deltas(proxy, grads, batches, vocab_size):
     return torch.cat(out)
 
 
+def token_terms(models, params, prompt_ids, gen_ids, row):
+    """The two parts of the sampler's score at each generated position, recomputed teacher-forced from
+    the prompt and the generated tokens (the trace viewer's data): the teacher's log-probs and the ADS
+    term lam * delta_hat (the row's control applied; zeros without ADS), each (len(gen_ids), V)."""
+    device = next(models.teacher.parameters()).device
+    ids = torch.tensor(list(prompt_ids) + list(gen_ids), device=device)
+    pos = torch.arange(len(prompt_ids) - 1, len(ids) - 1, device=device)
+    with torch.no_grad():
+        logprobs = F.log_softmax(_logits_at(models.teacher, ids, pos, models.vocab_size).float(), dim=-1)
+        if not params.uses_proxy:
+            return logprobs, torch.zeros_like(logprobs)
+        if params.ads_mode == "fd":
+            delta = fd_delta(_logits_at(models.plus, ids, pos, models.vocab_size),
+                             _logits_at(models.minus, ids, pos, models.vocab_size), params.eps)
+    if params.ads_mode != "fd":
+        delta = exact_deltas(models.proxy, models.grads, [(ids, pos)], models.vocab_size).detach()
+    if params.control == "permute":
+        steps = torch.arange(len(gen_ids), device=device)
+        delta = permute_vocab(delta, params.seed, torch.full_like(steps, row), steps)
+    return logprobs, params.lam * delta.float()
+
+
 def fd_quality(fd, exact):
     """Per-position cosine and relative error ||fd - exact|| / ||exact|| of FD against the JVP."""
     fd, exact = fd.double(), exact.double()
@@ -356,7 +378,8 @@ class CachedModel:
 def generate_reference(models, prompts, rows, max_new, params, progress=None):
     """Decode a batch with a Hugging Face KV cache per model.  prompts: token id lists; rows: the
     prompt indices that key the noise; max_new: per-row token budgets.  Returns the generated ids
-    per row (EOS excluded) and whether each row ended with EOS."""
+    per row (EOS excluded) and whether each row ended with EOS.  progress(tokens, rows), if given, is
+    called after every step with the tokens generated and the rows finished in it."""
     device = next(models.teacher.parameters()).device
     ids, mask = _left_pad(prompts, models.pad_id, device)
     rows_t = torch.tensor(rows, device=device)
@@ -382,9 +405,10 @@ def generate_reference(models, prompts, rows, max_new, params, progress=None):
         out[:, t] = torch.where(write, tok, models.pad_id)
         lengths += write.long()
         ended |= is_eos
-        done = done | is_eos | (lengths >= budget)
+        finished = ~done & (is_eos | (lengths >= budget))
+        done = done | finished
         if progress:
-            progress(1)
+            progress(int(write.sum()), int(finished.sum()))
         if done.all():
             break
         tok = torch.where(done, models.pad_id, tok)

@@ -127,6 +127,23 @@ def test_sampled_tokens_equal_generate_reference(teacher, proxies):
     assert got == want
 
 
+@pytest.mark.parametrize("decode", ["engine", "reference"])
+def test_progress_reports_every_generated_token_and_finished_row_as_they_happen(decode, teacher, proxies):
+    models = decode_models(teacher, proxies, eos_ids=(3, 9))
+    params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)
+    prompts, rows = ragged_prompts(9, seed=12), list(range(100, 109))
+    max_new = [5, 14, 3, 10, 0, 8, 12, 6, 9]
+    calls = []
+    progress = lambda tokens, finished: calls.append((tokens, finished))  # noqa: E731
+    if decode == "engine":
+        tokens, _ = engine.generate(models, prompts, rows, max_new, params, batch_size=4, progress=progress,
+                                    check_every=2)
+    else:
+        tokens, _ = generate_reference(models, prompts, rows, max_new, params, progress)
+    assert sum(t for t, _ in calls) == sum(map(len, tokens)) and sum(r for _, r in calls) == 8  # one had no budget
+    assert len([r for _, r in calls if r]) > 1  # rows are reported as they finish, not all at the end
+
+
 def test_permutation_control_equals_generate_reference_and_breaks_the_ads_choice(teacher, proxies):
     models = decode_models(teacher, proxies, eos_ids=(3, 9))
     prompts, rows = ragged_prompts(9, seed=15), list(range(9))

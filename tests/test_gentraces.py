@@ -305,3 +305,24 @@ def test_ads_traces_on_untrained_models_do_not_depend_on_batch_size_or_engine(un
     a, b = load_rows(tmp_path / "a"), load_rows(tmp_path / "b")
     assert [(r["completion"], r["forced"]) for r in a] == [(r["completion"], r["forced"]) for r in b]
     assert yaml.safe_load((tmp_path / "a" / "traces" / "t.yaml").read_text())["diagnostics"]["grad_rms"] > 0
+
+
+def test_token_details_are_stored_for_the_first_prompts_and_stage_numbers_reach_tensorboard(untrained_assets,
+                                                                                             tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    gentraces.main(base_args(untrained_assets, tmp_path, tau=0, max_samples=5, batch_size=3, token_details=2,
+                             report_to="tensorboard", system_prompt=tf.SYSTEM))
+    rows = load_rows(tmp_path)
+    assert [bool(r["tokens"]) for r in rows] == [True, True, False, False, False]
+    for r in rows[:2]:
+        details = json.loads(r["tokens"])
+        assert details["tau"] == 0 and details["lam"] == 0 and details["control"] == "none"
+        tokens = details["tokens"]
+        assert "<think>\n" + "".join(t["t"] for t in tokens) == r["completion"] and len(tokens) == r["n_tokens"]
+        for t in tokens:  # greedy: the chosen token is the teacher's best, and no ADS term moved it
+            assert t["ads"] == 0 and t["lp"] <= 0 and len(t["alt"]) == gentraces.VIEWER_ALTERNATIVES
+            assert all(t["lp"] >= lp and ads == 0 for _, lp, ads in t["alt"])
+    events = EventAccumulator(str(next((tmp_path / "runs" / "t").glob("events.out.tfevents.*")))).Reload()
+    stats = yaml.safe_load((tmp_path / "traces" / "t.yaml").read_text())["stats"]
+    assert events.Scalars("gentraces/af_accuracy")[0].value == pytest.approx(stats["af_accuracy"])
+    assert events.Scalars("gentraces/tokens_per_s")[0].value > 0

@@ -52,6 +52,7 @@ def exp_dir(tmp_path):
         teacher_eval(ADS_NO_STUDENT, 0.62, 0.58),
         {**teacher_eval(ADS, 0.80, 0.75), "fd_cosine_median": 0.9987, "fd_rel_error_median": 0.052},
         entry("eval_student_base", 0.45, 0.42, role="student_eval"),
+        {**entry("eval_student_base_fewshot", 0.31, 0.31, role="student_eval"), "fewshot": 8},
     ]
     write_registry(tmp_path, [json.dumps(e) for e in entries])
     return tmp_path
@@ -78,6 +79,7 @@ def test_report_states_holdout_and_undistilled_student_accuracy(exp_dir):
     assert text.startswith("# ")
     assert "Teacher greedy on holdout: af 91.0%, raw 88.0% (n=50)" in text
     assert "Undistilled student on test: af 45.0%, raw 42.0% (n=100)" in text
+    assert re.search(r"Undistilled student on test, 8-shot .*: af 31.0%, raw 31.0% \(n=100\)", text)
 
 
 def test_tradeoff_plot_is_a_png(exp_dir):

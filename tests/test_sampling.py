@@ -213,3 +213,20 @@ def test_gradient_validation_names_missing_extra_and_misshaped(proxy):
     msg = str(e.value)
     assert f"missing (first {first})" in msg and "extra (first bogus.weight)" in msg
     assert f"mis-shaped (first {name}: (3, 3)" in msg
+
+
+@pytest.mark.parametrize("control, mode", [("none", "fd"), ("permute", "fd"), ("none", "jvp")])
+def test_token_terms_recompute_the_score_the_sampler_chose_by(teacher, proxy, control, mode):
+    """The trace viewer's per-token data: with top_k = 1 the sampler takes the best score at every step,
+    so the recomputed teacher log-prob plus ADS term must rank each chosen token first."""
+    models = _models(teacher, proxy)
+    params = sampling.SamplingParams(tau=1.0, lam=20.0, eps=1e-2, top_k=1, seed=3, control=control, ads_mode=mode)
+    outs, _ = sampling.generate_reference(models, PROMPTS, [0, 1, 2], [8, 8, 8], params)
+    moved = 0
+    for row, (prompt, out) in enumerate(zip(PROMPTS, outs)):
+        logprobs, ads = sampling.token_terms(models, params, prompt, out, row)
+        chosen = torch.tensor(out)
+        assert logprobs.shape == ads.shape == (len(out), VOCAB)
+        assert torch.equal((logprobs / params.tau + ads).argmax(-1), chosen)
+        moved += int((logprobs.argmax(-1) != chosen).sum())
+    assert moved > 0  # the ADS term decided some choices, so the check above depends on it
