@@ -29,6 +29,9 @@ MAX_SAMPLES=${MAX_SAMPLES:-null}              # cap on train and test prompts
 SEEDS=${SEEDS:-}                              # e.g. "69 70 71": one student per seed and row (empty: one, train_config's seed)
 PREPARE_ONLY=${PREPARE_ONLY:-0}               # 1: stop after the holdout traces and the gradient
 SKIP_EVALS=${SKIP_EVALS:-0}                   # 1: rows stop after distillation (no test evals, no references)
+FEWSHOT=${FEWSHOT:-8}                         # shots of the undistilled student's plain few-shot eval (the paper's 31% baseline); 0 = none
+# GSM8K's 8-shot prompts are about 1,500 Llama tokens; an answer needs a few hundred
+read -ra FEWSHOT_EXTRA <<<"${FEWSHOT_ARGS:-max_prompt_length=2048 max_length=2560 max_new_tokens=512}"
 MODELS=${MODELS:-$EXP_DIR/models}             # where distilled students go
 LAUNCH=${LAUNCH:-accelerate launch --config_file acc_config.yaml}   # python ...: each stage one plain process
 read -ra GEN_EXTRA <<<"${GEN_ARGS:-}"        # extra key=value overrides for every gentraces.py run
@@ -81,37 +84,56 @@ launch() {
     return 1
 }
 gentraces() { launch gentraces.py exp_dir="$EXP_DIR" "${GEN_EXTRA[@]}" "$@"; }
+# stage LABEL OUTPUT COMMAND...: COMMAND unless OUTPUT (the stage's sentinel; empty: none) exists; each
+# stage is recorded in STAGES_TSV (ran, skipped or failed, and its wall time) for the summary at the end
 stage() {
-    STAGE_LOG=$EXP_DIR/logs/${*//[^A-Za-z0-9._+-]/_}.log
-    [[ -n ${CHECKING:-} ]] || echo "== $(date +%H:%M:%S) $*" >&2
+    local label=$1 output=$2 start=$SECONDS status=0
+    shift 2
+    if [[ -n $output && -e $output ]]; then
+        [[ -n ${CHECKING:-} ]] || printf '%s\tskipped\t0\n' "$label" >>"$STAGES_TSV"
+        return 0
+    fi
+    STAGE_LOG=$EXP_DIR/logs/${label//[^A-Za-z0-9._+-]/_}.log
+    [[ -n ${CHECKING:-} ]] || echo "== $(date +%H:%M:%S) $label" >&2
+    "$@" || status=$?
+    [[ -n ${CHECKING:-} ]] || printf '%s\t%s\t%s\n' "$label" "$( ((status)) && echo failed || echo ran)" \
+        $((SECONDS - start)) >>"$STAGES_TSV"
+    return "$status"
+}
+# the summary of this invocation's stages, printed however the pipeline ends
+summary() {
+    [[ -s $STAGES_TSV ]] || return 0
+    awk -F'\t' -v wall=$SECONDS -v file="$STAGES_TSV" '
+        { n[$2]++; line[NR] = sprintf("  %-8s %6s  %s", $2, $2 == "skipped" ? "" : $3 " s", $1) }
+        END { printf "pipeline summary: %d ran, %d skipped, %d failed; %d s in all (%s)\n",
+                     n["ran"], n["skipped"], n["failed"], wall, file
+              for (i = 1; i <= NR; i++) print line[i] }' "$STAGES_TSV" >&2
 }
 
 # 1-2. holdout traces (the teacher, greedy, on the holdout split), then the proxy gradient g of the
 # proxy's completion loss on them. ADS rows need g; every distill evaluates on the holdout traces
 prepare() {
-    if [[ ! -d $TRACES/holdout ]]; then
-        stage "holdout traces"
+    stage "holdout traces" "$TRACES/holdout" \
         gentraces teacher="$TEACHER" data_split="${DATASET}_holdout" tau=0 lam=0 role=holdout \
-            max_samples="$HOLDOUT_MAX_SAMPLES" batch_size="$BATCH" trace_name=holdout
-    fi
-    if [[ ! -f $GRADS ]]; then
-        stage "proxy gradient"
+        max_samples="$HOLDOUT_MAX_SAMPLES" batch_size="$BATCH" trace_name=holdout
+    stage "proxy gradient" "$GRADS" \
         launch save_grad.py proxy="$PROXY" traces="$TRACES/holdout" out="$GRADS" "${GRAD_EXTRA[@]}"
-    fi
 }
 
 # references: the teacher greedy on the test split, and the undistilled student (the plot's baseline)
+# evaluated as every distilled student is (zero-shot, its chat template) and, with FEWSHOT > 0, as base
+# models usually are (FEWSHOT worked examples in plain text: what the paper's 31% for Llama-3.2-3B is)
 run_references() {
-    if [[ ! -d $TRACES/eval_teacher_base ]]; then
-        stage "teacher greedy eval"
+    stage "teacher greedy eval" "$TRACES/eval_teacher_base" \
         gentraces teacher="$TEACHER" data_split="${DATASET}_test" tau=0 lam=0 role=teacher_eval \
-            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_teacher_base
-    fi
-    if [[ ! -d $TRACES/eval_student_base ]]; then
-        stage "undistilled student eval"
+        max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_teacher_base
+    stage "undistilled student eval" "$TRACES/eval_student_base" \
         gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \
-            role=student_eval max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_student_base
-    fi
+        role=student_eval max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_student_base
+    ((FEWSHOT == 0)) || stage "undistilled student ${FEWSHOT}-shot eval" "$TRACES/eval_student_base_fewshot" \
+        gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \
+        role=student_eval fewshot="$FEWSHOT" "${FEWSHOT_EXTRA[@]}" max_samples="$MAX_SAMPLES" batch_size="$BATCH" \
+        trace_name=eval_student_base_fewshot
 }
 
 # a grid row's sampling settings, from grid.py's fields (NAME KIND TAU LAM EPS CONTROL): the row is
@@ -128,29 +150,23 @@ row_settings() {
 row_traces() {
     local ROW ROW_BATCH ROW_SPEC
     row_settings "$@"
-    if [[ ! -d $TRACES/$1 ]]; then
-        stage "$1: train traces"
+    stage "$1: train traces" "$TRACES/$1" \
         gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_train" "${ROW[@]}" role=train \
-            max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="$1"
-    fi
+        max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="$1"
 }
 
 # 4-5. one student of row NAME (its seed SEED, empty without SEEDS): distilled on the row's train
 # traces, then evaluated greedily on the test split, its registry line recording the caller's ROW_SPEC
 run_student() {
     local NAME=$1 STUDENT_NAME=$2 SEED=$3 MODEL_DIR=$MODELS/student_$2
-    if [[ ! -d $MODEL_DIR/final ]]; then
-        stage "$STUDENT_NAME: distill"
+    stage "$STUDENT_NAME: distill" "$MODEL_DIR/final" \
         launch distill.py student="$STUDENT" student_tokenizer="$STUDENT_TOKENIZER" \
-            train_traces="$TRACES/$NAME" eval_traces="$TRACES/holdout" output_dir="$MODEL_DIR" \
-            "${TRAIN_EXTRA[@]}" ${SEED:+seed="$SEED"}
-    fi
-    if ((SKIP_EVALS == 0)) && [[ ! -d $TRACES/eval_student_$STUDENT_NAME ]]; then
-        stage "$STUDENT_NAME: student eval"
+        train_traces="$TRACES/$NAME" eval_traces="$TRACES/holdout" output_dir="$MODEL_DIR" \
+        "${TRAIN_EXTRA[@]}" ${SEED:+seed="$SEED"}
+    ((SKIP_EVALS)) || stage "$STUDENT_NAME: student eval" "$TRACES/eval_student_$STUDENT_NAME" \
         gentraces teacher="$MODEL_DIR/final" data_split="${DATASET}_test" tau=0 lam=0 role=student_eval \
-            grid_row="$ROW_SPEC" ${SEED:+student_seed="$SEED"} \
-            max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$STUDENT_NAME"
-    fi
+        grid_row="$ROW_SPEC" ${SEED:+student_seed="$SEED"} \
+        max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$STUDENT_NAME"
 }
 
 # 3-6. one grid row: its train traces, its students (one per seed of SEEDS, side by side when
@@ -173,11 +189,9 @@ run_row() {
         ((failed == 0)) || return 1
     fi
     ((SKIP_EVALS == 0)) || return 0
-    if [[ ! -d $TRACES/eval_teacher_$NAME ]]; then
-        stage "$NAME: teacher eval"
+    stage "$NAME: teacher eval" "$TRACES/eval_teacher_$NAME" \
         gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_test" "${ROW[@]}" role=teacher_eval \
-            max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="eval_teacher_$NAME"
-    fi
+        max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="eval_teacher_$NAME"
 }
 
 # row loop j: FN on rows j, j + PARALLEL, ... of the grid (of kind KIND only, when given)
@@ -208,6 +222,8 @@ row_loop() {
     fi
 ) | python -c 'import utils; utils.run_cli(utils.check_commands)' "$EXP_DIR"
 mkdir -p "$TRACES" "$MODELS" "$EXP_DIR/logs"
+STAGES_TSV=$EXP_DIR/logs/stages_$(date +%Y%m%d-%H%M%S)_$$.tsv
+trap summary EXIT
 
 if ((PREPARE_ONLY)); then
     prepare
@@ -261,6 +277,5 @@ wait_jobs
 
 ((SKIP_EVALS == 0)) || exit 0
 # report: table and trade-off plot over every row finished so far (all shards share EXP_DIR)
-stage "report"
-python "${REPORT[@]}"
+stage "report" "" python "${REPORT[@]}"
 echo "done: $EXP_DIR/report.md $EXP_DIR/tradeoff.png" >&2

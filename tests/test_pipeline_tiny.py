@@ -25,7 +25,7 @@ TRACE_COLUMNS = {"idx", "question", "gold", "system", "prompt", "completion", "t
 
 LAST_ROW = grid.grid_rows("tiny")[-1]  # a serial run does the rows in grid order, after phase 1
 KILLED_STAGE = f"eval_teacher_{LAST_ROW.name}"  # the last generation stage: killing there costs CI the least
-N_TRACES = 1 + 3 * 3 + 2  # holdout, 3 tiny grid rows x (train, student eval, teacher eval), 2 references
+N_TRACES = 1 + 3 * 3 + 3  # holdout, 3 tiny grid rows x (train, student eval, teacher eval), 3 references
 
 
 def descendants(pid):
@@ -89,7 +89,8 @@ def runs(tiny_assets, tmp_path_factory):
     killed, whole = root / "killed", root / "whole"
     with open(root / "whole.log", "w") as log:
         whole_proc = subprocess.Popen(["bash", str(REPO / "pipeline_tiny.sh")],
-                                      env={**env, "EXP_DIR": str(whole), "PARALLEL": "3", "ROW_GPUS": "0,1"},
+                                      env={**env, "EXP_DIR": str(whole), "PARALLEL": "3", "ROW_GPUS": "0,1",
+                                           "TRAIN_ARGS": "report_to=tensorboard"},
                                       cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         kill_during_stage({**env, "EXP_DIR": str(killed)}, killed, KILLED_STAGE)
@@ -167,6 +168,47 @@ def test_report_has_a_row_per_grid_row_and_a_plot(tiny_run):
 
 
 @pytest.mark.slow
+def test_the_undistilled_student_is_also_evaluated_eight_shot_and_reported(tiny_run):
+    side = check_trace(tiny_run, "eval_student_base_fewshot")
+    assert side["config"]["fewshot"] == 8 and side["config"]["answer_force"]  # set, yet not applied to few-shot
+    rows = datasets.load_from_disk(str(tiny_run / "traces" / "eval_student_base_fewshot"))
+    assert all(p.count("Question: ") == 9 and p.endswith(f"Question: {q}\nAnswer:")
+               for p, q in zip(rows["prompt"], rows["question"]))
+    assert not any("\nQuestion:" in c for c in rows["completion"]) and set(rows["forced"]) == {""}
+    assert "Undistilled student on test, 8-shot plain prompts" in (tiny_run / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_trace_viewer_opens_in_headless_chromium_with_every_row(tiny_run, chromium):
+    import viewer
+    dom = viewer.headless(tiny_run / "traces.html", "--virtual-time-budget=5000", "--dump-dom")
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    # every grid row's first 4 train traces (gentraces' token_details), side by side
+    assert 'data-status="ok"' in body and 'data-errors="0"' in body and 'data-traces="12"' in body, body
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_leaves_the_training_and_holdout_losses_in_event_files(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    for name in grid_names():
+        events = [EventAccumulator(str(p)).Reload() for p in (runs.whole / "models" / f"student_{name}" / "runs").rglob(
+            "events.out.tfevents.*")]
+        tags = {tag for e in events for tag in e.Tags()["scalars"]}
+        assert {"train/loss", "eval/loss"} <= tags, name
+        summary = yaml.safe_load((runs.whole / "models" / f"student_{name}" / "train_summary.yaml").read_text())
+        holdout = [s.value for e in events if "eval/loss" in e.Tags()["scalars"] for s in e.Scalars("eval/loss")]
+        assert holdout[-1] == pytest.approx(summary["eval_losses"][-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_pipeline_ends_with_a_summary_of_its_stages(runs):
+    log = runs.whole_log.read_text()
+    summary = re.search(r"^pipeline summary: (\d+) ran, (\d+) skipped, (\d+) failed; \d+ s in all", log, re.M)
+    assert summary and summary.groups() == (str(N_TRACES + 1 + 3 + 1), "0", "0")  # + gradient, 3 distills, report
+    assert re.search(r"^  ran +\d+ s  proxy gradient$", log, re.M)
+
+
+@pytest.mark.slow
 def test_tiny_teacher_answers_well_above_chance(tiny_run):
     # the teacher's greedy answer-forced accuracy on the test split, as its sidecar reports it
     side = yaml.safe_load((tiny_run / "traces" / "eval_teacher_base.yaml").read_text())
@@ -182,6 +224,7 @@ def test_rerun_skips_every_finished_stage(tiny_run, tiny_assets):
     assert res.returncode == 0, res.stderr[-2000:]
     stages = [line for line in res.stderr.splitlines() if line.startswith("== ")]
     assert [s.split(" ", 2)[2] for s in stages] == ["report"]
+    assert re.search(rf"^pipeline summary: 1 ran, {N_TRACES + 1 + 3} skipped, 0 failed", res.stderr, re.M)
 
 
 @pytest.mark.slow
@@ -234,7 +277,7 @@ def test_parallel_row_loops_each_ran_a_row_and_phase_one_ran_beside_the_gradient
     assert min(stage(r"\[rows \d\] == .*lam2\.00e-01.*: train traces")) > gradient
     assert min(stage(r"\[references\] == ")) < max(stage(r"\[rows \d\] == "))
     assert [line.split(" ", 3)[3] for line in lines if line.startswith("[references] == ")] == \
-        ["teacher greedy eval", "undistilled student eval"]
+        ["teacher greedy eval", "undistilled student eval", "undistilled student 8-shot eval"]
     # ROW_GPUS=0,1 deals the loops over the GPUs round-robin (on CPU the variable is simply unused)
     assert sorted(set(re.findall(r"^\[rows (\d)\] on GPU (\d)$", log, re.M))) == [("0", "0"), ("1", "1"), ("2", "0")]
 
