@@ -46,6 +46,8 @@ fixed DATASET gsm8k "the synth data has the GSM8K schema"
 TOKENIZERS_PARALLELISM=true python make_assets.py --profile "${ASSETS_PROFILE:-synth}" --out "$ASSETS"
 
 export BATCH=${BATCH:-512} ADS_BATCH=${ADS_BATCH:-512}
+# the protocol compares students evaluated as they were distilled; it has no few-shot baseline
+export FEWSHOT=${FEWSHOT:-0}
 # one plain process per stage: the models are small, so rows run side by side instead of across GPUs;
 # accelerate's launcher would add its own interpreter and torch import to every stage start
 # (3.9-6.2 s a launch of an empty script on 2 idle cores; more with 20 rows sharing the CPU)
