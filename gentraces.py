@@ -320,7 +320,8 @@ def generate_chunk(models, tokenizer, chunk, marker, cfg, params, progress):
         if marker is None:
             completion = utils.cut_at_next_question(completion)
         rows.append({"idx": ex["idx"], "question": ex["question"], "gold": ex["gold"],
-                     "system": None if marker is None else cfg.system_prompt, "prompt": prompt, "completion": completion,
+                     "system": None if marker is None else cfg.system_prompt,  # few-shot prompts have none
+                     "prompt": prompt, "completion": completion,
                      "has_marker": split is not None, "n_tokens": len(gen), "finished": bool(fin),
                      "prompt_ids": ex["prompt_ids"], "gen_ids": gen})
     # a few-shot completion is graded on the answer it states, as the base-model evaluation does

@@ -7,7 +7,7 @@ on domain text. The three train side by side, one process each (on CPU, as many 
 Deterministic data for a seed, and models on CPU. On GPU, five synth builds ended the proxy and the
 student at the same losses, to the last digit, but stopped the teacher at different steps (1,000 to
 1,600; cause not found). Profiles:
-  tiny   the CI pipeline's assets: one-digit problems, sub-million-parameter models; about 75 s on 2 CPU cores
+  tiny   the CI pipeline's assets: one-digit problems, sub-million-parameter models; 141 s on 2 CPU cores
   synth  the one-GPU reproduction: two-digit problems of 3-5 numbered events, traces written in varied
          styles (room for ADS to choose among correct tokens); a 25M-parameter teacher, and a proxy and
          a student of its size pretrained on the questions and on arithmetic facts, then warmed up
@@ -105,11 +105,20 @@ PROFILES = {
         "vocab": {"teacher": 2000, "student": 800}, "max_new_tokens": 200, "numbered": True,
     },
 }
-# the synth recipe (extras and warm-up) at the tiny sizes: what the CPU test of pipeline_synth.sh builds
-PROFILES["synth_tiny"] = {**PROFILES["tiny"], "styles": True, "extras": PROFILES["synth"]["extras"], "max_new_tokens": 96,
+# tiny's student, set apart from its proxy: twice as wide, pretrained 8x longer on the questions and on
+# arithmetic documents (facts, and chains of steps that end in the answer forcing), never on a solved
+# problem; and 400 train problems (280 traces after the holdout's 30%; 140 taught 34% at best).  The
+# questions alone (the first tiny student) left every distilled student at 0% on test
+TINY_STUDENT = {"student_base": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2),
+                "student_train": dict(steps=400, batch_size=32, lr=3e-3), "student_docs": 4000}
+PROFILES["tiny"] = {**PROFILES["tiny"], **TINY_STUDENT, "splits": {"train": 400, "test": 64}}
+# the synth recipe (extras and warm-up) at the tiny sizes, with the first tiny student and split
+PROFILES["synth_tiny"] = {**{k: v for k, v in PROFILES["tiny"].items() if k not in TINY_STUDENT},
+                          "splits": {"train": 200, "test": 64}, "styles": True, "extras": PROFILES["synth"]["extras"],
+                          "max_new_tokens": 96,
                           "warmup": dict(problems=200, val=16, tau=1.0, teacher_share=0.5, target=0.3, steps=40,
                                          batch_size=16, lr=1e-3, check_every=20)}
-
 # untrained models of the real shapes: the layout of real_shapes.yaml, GSM8K-schema problems of the
 # synth kind; `narrow` overrides the width and depth of every model (the vocabularies stay real)
 SHAPES = {"max_value": 60, "n_steps": (3, 5), "styles": True, "extras": PROFILES["synth"]["extras"],
@@ -207,6 +216,33 @@ def solution_text(problem):
     """Another correct solution, in GSM8K's worded style rather than the teacher's (warm-up data)."""
     steps = problem["answer"].split("\n#### ")[0]
     return f"{steps}\n</think>\n\nThe answer is \\boxed{{{problem['result']}}}."
+
+
+# how an arithmetic chain may close: the last result restated, boxed, or after a closed reasoning block (as
+# the traces close theirs), so that answer forcing after any of them repeats that result
+CHAIN_CLOSINGS = ["", "So it is {r}.", "The answer is \\boxed{{{r}}}.", "</think>\n\nThe answer is \\boxed{{{r}}}."]
+
+
+def arithmetic_chains(rng, count, max_value, forced_share=0.75):
+    """Domain text with no problems: chains of 2-4 sums and differences, each step starting from the
+    last result, in one step style a document; forced_share of them end as answer forcing closes a
+    trace (AF_SUFFIX, then the last result), so a base model learns the convention, as real ones know
+    that a final answer repeats the result just worked out."""
+    docs = []
+    for _ in range(count):
+        style, value, lines = rng.choice(STEP_STYLES), rng.randint(1, max_value), []
+        for _ in range(rng.randint(2, 4)):
+            if value < max_value and (value == 1 or rng.random() < 0.5):
+                n = rng.randint(1, max_value - value)
+                s, new = "+", value + n
+            else:
+                n = rng.randint(1, value - 1)
+                s, new = "-", value - n
+            lines.append(style.format(a=value, s=s, w=WORDS[s], b=n, r=new))
+            value = new
+        doc = "".join(lines) + rng.choice(CHAIN_CLOSINGS).format(r=value)
+        docs.append(doc + utils.AF_SUFFIX + f"{value}}}\\]" if rng.random() < forced_share else doc)
+    return docs
 
 
 def arithmetic_facts(rng, count, max_value):
@@ -473,22 +509,27 @@ def train_teacher(tok, pool, system_prompt, seed, profile, device):
     return teacher, loss, steps
 
 
-def train_base_model(cls, config_cls, tok, texts, vocab_size, seed, desc, profile, device, bar_line=0):
-    """A base model: language modelling on domain text."""
+def train_base_model(cls, config_cls, tok, texts, vocab_size, seed, desc, profile, device, bar_line=0, name=None):
+    """A base model: language modelling on domain text (profile's `<name>_base` and `<name>_train`
+    where it has them, else its `base` and `base_train`)."""
     model = new_model(cls, config_cls, seed, device, vocab_size=vocab_size, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **profile["base"])
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      **profile.get(f"{name}_base", profile["base"]))
     loss, _ = train_lm(model, text_examples(tok, texts), seed=seed, desc=desc, bar_line=bar_line,
-                       **profile["base_train"])
+                       **profile.get(f"{name}_train", profile["base_train"]))
     return model, loss
 
 
 def base_corpora(pool, profile, seed):
     """Pretraining text of the proxy and of the student.  tiny: the proxy reads questions with their
-    GSM8K solutions, the student questions alone.  With arithmetic_docs, both read the questions and
-    arithmetic facts, never a solved problem, so all they know of the task's reasoning comes later."""
+    GSM8K solutions, the student questions and student_docs arithmetic facts and as many arithmetic
+    chains (synth_tiny's student: the questions alone).  With arithmetic_docs, both read the questions
+    and arithmetic facts, never a solved problem, so all they know of the task's reasoning comes later."""
     questions = [p["question"] for p in pool]
     if not profile["arithmetic_docs"]:
-        return [p["question"] + "\n" + p["answer"] for p in pool], questions
+        n, rng = profile.get("student_docs", 0), random.Random(seed + 5)
+        docs = arithmetic_facts(rng, n, profile["max_value"]) + arithmetic_chains(rng, n, profile["max_value"])
+        return [p["question"] + "\n" + p["answer"] for p in pool], questions + docs
     text = questions + arithmetic_facts(random.Random(seed + 3), profile["arithmetic_docs"], profile["max_value"])
     return text, text
 
@@ -522,7 +563,7 @@ def base_job(name, tok, texts, seed, profile, path):
     """Pretrain the proxy or the student on domain text and save it."""
     cls, config_cls, multiple, index = BASES[name]
     model, loss = train_base_model(cls, config_cls, tok, texts, padded_vocab(len(tok), multiple), seed + index,
-                                   name, profile, job_device(), bar_line=index)
+                                   name, profile, job_device(), bar_line=index, name=name)
     save_model(model, tok, path)
     return dict(loss=loss, params=n_params(model), vocab_size=model.config.vocab_size)
 

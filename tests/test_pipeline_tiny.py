@@ -209,6 +209,16 @@ def test_the_pipeline_ends_with_a_summary_of_its_stages(runs):
 
 
 @pytest.mark.slow
+def test_the_temperature_row_student_learns_from_its_traces(tiny_run):
+    """The tiny run teaches something: the temperature row's student boxes the right answer at least 30
+    points more often than the undistilled student (the report's metric, raw: see pipeline_tiny.sh)."""
+    registry = registry_by_name(tiny_run)
+    temperature = next(r for r in grid.grid_rows("tiny") if r.kind == "temperature")
+    student, base = registry[f"eval_student_{temperature.name}"], registry["eval_student_base"]
+    assert student["raw_accuracy"] >= base["raw_accuracy"] + 0.30, (student["raw_accuracy"], base["raw_accuracy"])
+
+
+@pytest.mark.slow
 def test_tiny_teacher_answers_well_above_chance(tiny_run):
     # the teacher's greedy answer-forced accuracy on the test split, as its sidecar reports it
     side = yaml.safe_load((tiny_run / "traces" / "eval_teacher_base.yaml").read_text())

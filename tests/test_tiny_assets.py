@@ -39,7 +39,7 @@ def greedy(model, tok, ids, max_new_tokens):
 
 @pytest.mark.slow
 def test_data_files_follow_gsm8k_schema_with_correct_answers(tiny_assets):
-    for split, size in [("train", 200), ("test", 64)]:
+    for split, size in [("train", 400), ("test", 64)]:
         rows = read_jsonl(tiny_assets / "data" / "gsm8k" / f"{split}.jsonl")
         assert len(rows) == size
         for row in rows:
@@ -60,7 +60,7 @@ def test_data_files_follow_gsm8k_schema_with_correct_answers(tiny_assets):
 def test_train_and_test_questions_are_disjoint(tiny_assets):
     train = {r["question"] for r in read_jsonl(tiny_assets / "data" / "gsm8k" / "train.jsonl")}
     test = {r["question"] for r in read_jsonl(tiny_assets / "data" / "gsm8k" / "test.jsonl")}
-    assert len(train) == 200 and len(test) == 64 and not train & test
+    assert len(train) == 400 and len(test) == 64 and not train & test
 
 
 def test_same_seed_writes_identical_data(tmp_path):
@@ -69,6 +69,37 @@ def test_same_seed_writes_identical_data(tmp_path):
     for split in ("train", "test"):
         path = os.path.join("data", "gsm8k", f"{split}.jsonl")
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+
+
+def test_arithmetic_chains_are_correct_and_answer_forcing_repeats_the_last_result():
+    import random
+    docs = make_assets.arithmetic_chains(random.Random(4), 200, 9)
+    for doc in docs:
+        body, _, forced = doc.partition(utils.AF_SUFFIX)
+        steps = re.findall(r"(\d+) ?(\+|-|plus|minus) ?(\d+) ?(?:=| is) (\d+)|(\d+)([+-])(\d+)=(\d+)", body)
+        steps = [tuple(x for x in m if x) for m in steps]
+        assert 2 <= len(steps) <= 4
+        for (a, op, b, r), nxt in zip(steps, steps[1:] + [None]):
+            assert int(r) == (int(a) + int(b) if op in ("+", "plus") else int(a) - int(b)) and 1 <= int(r) <= 9
+            assert nxt is None or nxt[0] == r
+        assert not forced or forced == f"{steps[-1][3]}}}\\]"
+    assert 0.6 < sum(utils.AF_SUFFIX in d for d in docs) / len(docs) < 0.9
+
+
+def test_tiny_student_reads_arithmetic_but_no_solved_problem():
+    """The tiny student's corpus: the questions and arithmetic documents, never a question with its
+    solution (that is what distillation teaches); the proxy's keeps the GSM8K solutions, and synth_tiny's
+    student keeps the questions alone."""
+    import random
+    profile = make_assets.PROFILES["tiny"]
+    pool = make_assets.make_problems(random.Random(0), 50, (), profile)
+    proxy, student = make_assets.base_corpora(pool, profile, 0)
+    questions = {p["question"] for p in pool}
+    assert proxy == [p["question"] + "\n" + p["answer"] for p in pool]
+    assert [t for t in student if t in questions] == [p["question"] for p in pool]
+    assert len(student) == len(pool) + 2 * profile["student_docs"]
+    assert not any("<think>" in t or "####" in t or t not in questions and "How many" in t for t in student)
+    assert make_assets.base_corpora(pool, make_assets.PROFILES["synth_tiny"], 0)[1] == [p["question"] for p in pool]
 
 
 def test_synth_traces_number_their_steps_like_the_question_lists_its_events():
