@@ -100,9 +100,10 @@ stage() {
         $((SECONDS - start)) >>"$STAGES_TSV"
     return "$status"
 }
-# the summary of this invocation's stages, printed however the pipeline ends
+# the summary of this invocation's stages, printed however the pipeline ends, except on a user error
+# (exit status 2), which stays the one 'error:' line
 summary() {
-    [[ -s $STAGES_TSV ]] || return 0
+    (($1 != 2)) && [[ -s $STAGES_TSV ]] || return 0
     awk -F'\t' -v wall=$SECONDS -v file="$STAGES_TSV" '
         { n[$2]++; line[NR] = sprintf("  %-8s %6s  %s", $2, $2 == "skipped" ? "" : $3 " s", $1) }
         END { printf "pipeline summary: %d ran, %d skipped, %d failed; %d s in all (%s)\n",
@@ -223,7 +224,7 @@ row_loop() {
 ) | python -c 'import utils; utils.run_cli(utils.check_commands)' "$EXP_DIR"
 mkdir -p "$TRACES" "$MODELS" "$EXP_DIR/logs"
 STAGES_TSV=$EXP_DIR/logs/stages_$(date +%Y%m%d-%H%M%S)_$$.tsv
-trap summary EXIT
+trap 'summary $?' EXIT
 
 if ((PREPARE_ONLY)); then
     prepare
