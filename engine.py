@@ -990,8 +990,8 @@ def generate(models, prompts, rows, max_new, params, batch_size, progress=None, 
              refill=True, check_every=None, timings=None, compile_layers=True, fused=True, fused_prefill=True):
     """Drop-in for sampling.generate_reference over any number of prompts with `batch_size` decode
     slots.  progress(tokens, rows) is called with the tokens generated and the rows finished since its
-    last call, at each check (every `check_every` steps: 16 on GPU, 1 on CPU).  refill=False waits for a whole batch to finish
-    before starting the next (a static batch, for comparison).  timings, if a dict, receives
+    last call, at each check (every `check_every` steps: 16 on GPU, 1 on CPU).  refill=False waits for a
+    whole batch to finish before starting the next (a static batch, for comparison).  timings, if a dict, receives
     setup (weight re-lay, compilation, capture), prefill and decode seconds (with device syncs
     around prefill, for benchmarks).  compile_layers: on GPU, fuse each block's small kernels with
     torch.compile (off: plain eager kernels in the graph).  fused: decode Llama/Qwen2-form models

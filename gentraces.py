@@ -353,7 +353,7 @@ def token_details(models, tokenizer, params, row):
     """What the trace viewer shows of one trace: per generated token its text, the teacher's log-prob
     (lp), the ADS term of its score (ads) and the top alternatives by score as [text, lp, ads]."""
     logprobs, ads = sampling.token_terms(models, params, row["prompt_ids"], row["gen_ids"], row["idx"])
-    score = logprobs / params.tau + ads if params.tau else logprobs
+    score = sampling.ads_score(logprobs, ads, params.tau, 1.0) if params.tau else logprobs  # ads holds lam
     top = score.topk(min(VIEWER_ALTERNATIVES + 1, score.shape[-1]), dim=-1).indices.tolist() if len(score) else []
     r3 = lambda x: round(float(x), 3)  # noqa: E731
     tokens = []
