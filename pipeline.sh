@@ -25,7 +25,8 @@ ROW_GPUS=${ROW_GPUS:-}                        # e.g. 0,1: parallel row loop j ru
 BATCH=${BATCH:-512}                           # decode slots per process without ADS
 ADS_BATCH=${ADS_BATCH:-192}                   # with ADS three models share the GPU
 HOLDOUT_MAX_SAMPLES=${HOLDOUT_MAX_SAMPLES:-null}
-MAX_SAMPLES=${MAX_SAMPLES:-null}              # cap on train and test prompts
+MAX_SAMPLES=${MAX_SAMPLES:-null}              # cap on train prompts (and test prompts, unless TEST_MAX_SAMPLES)
+TEST_MAX_SAMPLES=${TEST_MAX_SAMPLES:-$MAX_SAMPLES}   # cap on test prompts of every eval
 SEEDS=${SEEDS:-}                              # e.g. "69 70 71": one student per seed and row (empty: one, train_config's seed)
 PREPARE_ONLY=${PREPARE_ONLY:-0}               # 1: stop after the holdout traces and the gradient
 SKIP_EVALS=${SKIP_EVALS:-0}                   # 1: rows stop after distillation (no test evals, no references)
@@ -127,13 +128,13 @@ prepare() {
 run_references() {
     stage "teacher greedy eval" "$TRACES/eval_teacher_base" \
         gentraces teacher="$TEACHER" data_split="${DATASET}_test" tau=0 lam=0 role=teacher_eval \
-        max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_teacher_base
+        max_samples="$TEST_MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_teacher_base
     stage "undistilled student eval" "$TRACES/eval_student_base" \
         gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \
-        role=student_eval max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_student_base
+        role=student_eval max_samples="$TEST_MAX_SAMPLES" batch_size="$BATCH" trace_name=eval_student_base
     ((FEWSHOT == 0)) || stage "undistilled student ${FEWSHOT}-shot eval" "$TRACES/eval_student_base_fewshot" \
         gentraces teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" data_split="${DATASET}_test" tau=0 lam=0 \
-        role=student_eval fewshot="$FEWSHOT" "${FEWSHOT_EXTRA[@]}" max_samples="$MAX_SAMPLES" batch_size="$BATCH" \
+        role=student_eval fewshot="$FEWSHOT" "${FEWSHOT_EXTRA[@]}" max_samples="$TEST_MAX_SAMPLES" batch_size="$BATCH" \
         trace_name=eval_student_base_fewshot
 }
 
@@ -167,7 +168,7 @@ run_student() {
     ((SKIP_EVALS)) || stage "$STUDENT_NAME: student eval" "$TRACES/eval_student_$STUDENT_NAME" \
         gentraces teacher="$MODEL_DIR/final" data_split="${DATASET}_test" tau=0 lam=0 role=student_eval \
         grid_row="$ROW_SPEC" ${SEED:+student_seed="$SEED"} \
-        max_samples="$MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$STUDENT_NAME"
+        max_samples="$TEST_MAX_SAMPLES" batch_size="$BATCH" trace_name="eval_student_$STUDENT_NAME"
 }
 
 # 3-6. one grid row: its train traces, its students (one per seed of SEEDS, side by side when
@@ -192,7 +193,7 @@ run_row() {
     ((SKIP_EVALS == 0)) || return 0
     stage "$NAME: teacher eval" "$TRACES/eval_teacher_$NAME" \
         gentraces teacher="$TEACHER" proxy="$PROXY" data_split="${DATASET}_test" "${ROW[@]}" role=teacher_eval \
-        max_samples="$MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="eval_teacher_$NAME"
+        max_samples="$TEST_MAX_SAMPLES" batch_size="$ROW_BATCH" trace_name="eval_teacher_$NAME"
 }
 
 # row loop j: FN on rows j, j + PARALLEL, ... of the grid (of kind KIND only, when given)

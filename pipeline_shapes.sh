@@ -35,6 +35,7 @@ python make_assets.py --profile "${ASSETS_PROFILE:-shapes}" --out "$ASSETS"
 
 # the paper's counts are 5,231 train, 2,242 holdout and 1,209 test prompts; these keep every batch full
 export HOLDOUT_MAX_SAMPLES=${HOLDOUT_MAX_SAMPLES:-192} MAX_SAMPLES=${MAX_SAMPLES:-384}
+export TEST_MAX_SAMPLES=${TEST_MAX_SAMPLES:-$((MAX_SAMPLES < 128 ? MAX_SAMPLES : 128))}
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 ((GPUS > 0)) || GPUS=1
 export LAUNCH=${LAUNCH:-"accelerate launch --config_file acc_config.yaml --num_processes $GPUS"}
@@ -50,7 +51,7 @@ if [[ $STAGES == first ]]; then
         grad_path="$EXP_DIR/student_grads.safetensors" exp_dir="$EXP_DIR" max_samples="$MAX_SAMPLES" \
         batch_size="${ADS_BATCH:-192}" trace_name="$NAME" "${GEN[@]}"
     [[ -d $TRACES/eval_student_base ]] || python gentraces.py teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" \
-        data_split=gsm8k_test tau=0 lam=0 role=student_eval exp_dir="$EXP_DIR" max_samples="$MAX_SAMPLES" \
+        data_split=gsm8k_test tau=0 lam=0 role=student_eval exp_dir="$EXP_DIR" max_samples="$TEST_MAX_SAMPLES" \
         trace_name=eval_student_base "${GEN[@]}"
     exit 0
 fi
