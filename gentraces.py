@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+import decode
 import grid
 import sampling
 import tracking
@@ -261,7 +262,8 @@ def load_models(cfg, tokenizer, grads, checks, params, state):
     teacher = load(cfg.teacher, dtype)
     return sampling.DecodeModels(teacher=teacher, vocab_size=len(tokenizer), eos_ids=eos_ids(tokenizer, teacher),
                                  pad_id=tokenizer.pad_token_id, plus=plus, minus=minus, proxy=proxy,
-                                 grads=grads if proxy is not None else None, diagnostics=diagnostics)
+                                 grads=grads if proxy is not None else None,
+                                 eps=params.eps if params.uses_proxy else None, diagnostics=diagnostics)
 
 
 def run_fingerprint(cfg):
@@ -304,13 +306,13 @@ def answer_force(models, tokenizer, rows, cfg, batch_size, engine):
     teacher_only = sampling.DecodeModels(teacher=models.teacher, vocab_size=models.vocab_size,
                                          eos_ids=models.eos_ids, pad_id=models.pad_id)
     n = [cfg.answer_force_tokens] * len(rows)
-    outs, _ = sampling.generate(teacher_only, prompts, [r["idx"] for r in rows], n, greedy, batch_size, engine)
+    outs, _ = decode.generate(teacher_only, prompts, [r["idx"] for r in rows], n, greedy, batch_size, engine)
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
 
 
 def generate_chunk(models, tokenizer, chunk, marker, cfg, params, progress):
     budgets = [min(cfg.max_length - len(ex["prompt_ids"]), cfg.max_new_tokens or cfg.max_length) for ex in chunk]
-    outs, ended = sampling.generate(models, [ex["prompt_ids"] for ex in chunk], [ex["idx"] for ex in chunk],
+    outs, ended = decode.generate(models, [ex["prompt_ids"] for ex in chunk], [ex["idx"] for ex in chunk],
                                     budgets, params, cfg.batch_size, cfg.engine, progress)
     rows = []
     for ex, gen, fin in zip(chunk, outs, ended):

@@ -1,4 +1,4 @@
-"""The ADS hot path: the score, the sampler, the perturbed proxies and a reference decode loop.
+"""The ADS math: the score, the token rule, the perturbed proxies and finite-difference quality.
 
     delta_hat = (log_softmax(z_plus) - log_softmax(z_minus)) / (2 eps)
     score     = log_softmax(z_T) / tau + lam * delta_hat        (paper Eq. 11)
@@ -7,16 +7,15 @@
 z_plus / z_minus are the logits of the proxy student with weights theta_P +/- eps * g, where g is
 the gradient of the proxy's loss on the teacher's holdout traces (save_grad.py).  Every random
 draw is keyed on (seed, prompt index, position), so the traces do not depend on batch size,
-process count, continuous-batching order or resuming.
+process count, continuous-batching order or resuming.  No decoding here: decode.py runs these rules
+(its reference loop, or engine.py), gentraces.py builds the proxies and checks eps.
 """
 import copy
-import inspect
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from utils import die
 
@@ -52,7 +51,21 @@ class DecodeModels:
     minus: torch.nn.Module = None    # proxy at theta - eps g
     proxy: torch.nn.Module = None    # unperturbed proxy, only for ads_mode=jvp
     grads: dict = None               # name -> g, only for ads_mode=jvp
+    eps: float = None                # the eps plus and minus were built with (check_eps holds params to it)
     diagnostics: dict = field(default_factory=dict)
+
+
+def check_eps(models, params):
+    """A finite-difference ADS run must use the eps its proxies were built with: delta_hat divides
+    by 2 eps, so any other eps would silently rescale the penalty."""
+    if not (params.uses_proxy and params.ads_mode == "fd"):
+        return
+    if models.eps is None:
+        raise ValueError("DecodeModels.eps is not set: record the eps that plus and minus were built with "
+                         "(sampling.perturbed_proxies), so that the penalty's scale can be checked")
+    if not math.isclose(models.eps, params.eps, rel_tol=1e-6):
+        raise ValueError(f"SamplingParams.eps={params.eps:g} but the proxies were built with eps={models.eps:g}: "
+                         f"delta_hat would be off by a factor of {models.eps / params.eps:g}")
 
 
 def fd_delta(z_plus, z_minus, eps):
@@ -287,6 +300,7 @@ def token_terms(models, params, prompt_ids, gen_ids, row):
     """The two parts of the sampler's score at each generated position, recomputed teacher-forced from
     the prompt and the generated tokens (the trace viewer's data): the teacher's log-probs and the ADS
     term lam * delta_hat (the row's control applied; zeros without ADS), each (len(gen_ids), V)."""
+    check_eps(models, params)
     device = next(models.teacher.parameters()).device
     ids = torch.tensor(list(prompt_ids) + list(gen_ids), device=device)
     pos = torch.arange(len(prompt_ids) - 1, len(ids) - 1, device=device)
@@ -325,130 +339,3 @@ def choose_eps(proxy, grads, batches, vocab_size, dtype=None, grid=EPS_GRID, exa
         del plus, minus
     best = min(table, key=lambda row: row["fd_rel_error_median"])
     return best["eps"], table
-
-
-# reference decode loop
-
-def _positions(mask):
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _left_pad(prompts, pad_id, device):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p):] = torch.tensor(p, device=device)
-            mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-def cache_kwarg(model):
-    """transformers renamed the forward argument past_key_values to cache (5.2x); accept both."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-class CachedModel:
-    """One model with its own KV cache, fed left-padded prompts then one token per step; returns
-    the logits of the newest position only, cut to the tokenizer's ids."""
-
-    def __init__(self, model, vocab_size):
-        self.model, self.vocab_size, self.cache = model, vocab_size, None
-        self.cache_arg = cache_kwarg(model)
-        width = model.get_output_embeddings().weight.shape[0]
-        if width < vocab_size:
-            die(f"model output width {width} is smaller than the tokenizer's {vocab_size} ids")
-
-    def prefill(self, ids, mask):
-        # a fresh cache per batch: the reference reused a stale one (defect 5)
-        self.cache = DynamicCache(config=self.model.config)
-        return self._forward(ids, mask, _positions(mask))
-
-    def step(self, tokens, mask, positions):
-        return self._forward(tokens[:, None], mask, positions[:, None])
-
-    def _forward(self, ids, mask, positions):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
-        return out.logits[:, -1, :self.vocab_size]
-
-
-@torch.no_grad()
-def generate_reference(models, prompts, rows, max_new, params, progress=None):
-    """Decode a batch with a Hugging Face KV cache per model.  prompts: token id lists; rows: the
-    prompt indices that key the noise; max_new: per-row token budgets.  Returns the generated ids
-    per row (EOS excluded) and whether each row ended with EOS.  progress(tokens, rows), if given, is
-    called after every step with the tokens generated and the rows finished in it."""
-    device = next(models.teacher.parameters()).device
-    ids, mask = _left_pad(prompts, models.pad_id, device)
-    rows_t = torch.tensor(rows, device=device)
-    budget = torch.tensor(max_new, device=device)
-    eos = torch.tensor(models.eos_ids, device=device)
-    use_fd = params.uses_proxy and params.ads_mode == "fd"
-    nets = [CachedModel(m, models.vocab_size) for m in
-            ([models.teacher, models.plus, models.minus] if use_fd else [models.teacher])]
-    logits = [net.prefill(ids, mask) for net in nets]
-    seen = _seen_mask(ids, mask, models.vocab_size) if params.repetition_penalty != 1.0 else None
-    positions = _positions(mask)[:, -1]
-    out = torch.full((len(prompts), max(max_new + [0])), models.pad_id, dtype=torch.long, device=device)
-    lengths = torch.zeros_like(budget)
-    done = budget <= 0
-    ended = torch.zeros_like(done)
-    for t in range(out.shape[1]):
-        step = torch.full_like(rows_t, t)
-        u = row_uniforms(params.seed, rows_t, step)
-        delta = _delta(models, params, logits, ids, mask, rows_t, step)
-        tok = next_tokens(logits[0], delta, params, u, seen)
-        is_eos = torch.isin(tok, eos) & ~done
-        write = ~done & ~is_eos
-        out[:, t] = torch.where(write, tok, models.pad_id)
-        lengths += write.long()
-        ended |= is_eos
-        finished = ~done & (is_eos | (lengths >= budget))
-        done = done | finished
-        if progress:
-            progress(int(write.sum()), int(finished.sum()))
-        if done.all():
-            break
-        tok = torch.where(done, models.pad_id, tok)
-        if seen is not None:
-            seen[torch.arange(len(tok)), tok] |= ~done
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-        ids = torch.cat([ids, tok[:, None]], dim=1)
-        positions = positions + 1
-        logits = [net.step(tok, mask, positions) for net in nets]
-    return [out[i, :n].tolist() for i, n in enumerate(lengths.tolist())], ended.tolist()
-
-
-def _delta(models, params, logits, ids, mask, rows, step):
-    if not params.uses_proxy:
-        return None
-    if params.ads_mode == "fd":
-        delta = fd_delta(logits[1], logits[2], params.eps)
-    else:
-        delta = exact_delta(models.proxy, models.grads, ids, mask, _positions(mask), models.vocab_size)
-    return permute_vocab(delta, params.seed, rows, step) if params.control == "permute" else delta
-
-
-def _seen_mask(ids, mask, vocab_size):
-    counts = torch.zeros((ids.shape[0], vocab_size), dtype=torch.long, device=ids.device)
-    counts.scatter_add_(1, ids.clamp(max=vocab_size - 1), mask.long())
-    return counts > 0
-
-
-def generate(models, prompts, rows, max_new, params, batch_size, engine="auto", progress=None):
-    """Decode all prompts with batch_size slots: the fast engine (engine.py) by default ('eager':
-    the same engine without torch.compile), the reference loop over fixed chunks when
-    engine='reference'."""
-    if engine in ("auto", "eager"):
-        import engine as fast
-        return fast.generate(models, prompts, rows, max_new, params, batch_size, progress=progress,
-                             compile_layers=engine == "auto")
-    outs, ended = [], []
-    for s in range(0, len(prompts), batch_size):
-        sl = slice(s, s + batch_size)
-        o, e = generate_reference(models, prompts[sl], rows[sl], max_new[sl], params, progress)
-        outs += o
-        ended += e
-    return outs, ended

@@ -3,10 +3,11 @@ the reference approach (Hugging Face `generate` with a logits processor that run
 their own DynamicCache) against engine.generate, for ADS and for plain sampling (lam = 0), end to
 end (prefill included; the engine's one-off setup, i.e. re-lay, compile and capture, reported
 apart) and per decode step, on randomly initialised models of the real shapes (bf16 7B-shaped
-teacher, two 3B-shaped proxies).  Checks the engine against sampling.py on the GPU first.  Prints a
-table and writes JSON (rewritten after every stage, so a run cut short keeps what it measured).
+teacher, two 3B-shaped proxies).  Checks the engine against the reference loop and sampling.py on
+the GPU first.  Prints a table and writes JSON (rewritten after every stage, so a run cut short keeps
+what it measured).  The variants are EngineOptions of one engine, run in the same process.
 
-    python bench/bench_decode.py --out $OUT/h200.json
+    python bench/bench_decode.py --out $OUT/decode_<gpu>_<commit>.json
 """
 import argparse
 import hashlib
@@ -20,17 +21,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
-from sampling import (DecodeModels, SamplingParams, cache_kwarg, fd_delta, generate_reference,  # noqa: E402
-                      sample_from_scores)
+import kernels  # noqa: E402
+from decode import cache_kwarg, generate_reference  # noqa: E402
+from engine import EngineOptions  # noqa: E402
+from sampling import DecodeModels, SamplingParams, fd_delta, sample_from_scores  # noqa: E402
 from transformers import DynamicCache, LogitsProcessor  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--out", default="bench/results/h200.json", help="JSON results path")
+parser.add_argument("--out", default="decode.json", help="JSON results path")
 parser.add_argument("--stages", default="check,engine,reference,unfused", help="comma list of stages to run: "
                     "check, profile, engine, reference, unfused (engine through the HF modules), eagerblocks, "
-                    "wholerows (ROW_PIECE as wide as the vocabulary: the sampler's row reductions one program per row, "
-                    "as before ROW_PIECE, and since engine.inverse_cdf its scan over the whole row too), "
-                    "wholescan (the sampler's inverse CDF one scan per row, as before engine.inverse_cdf), "
+                    "wholerows (row_piece as wide as the vocabulary: the sampler's row reductions one program per row, "
+                    "as before row pieces, and since kernels.inverse_cdf its scan over the whole row too), "
+                    "wholescan (the sampler's inverse CDF one scan per row, as before kernels.inverse_cdf), "
                     "hfprefill (prefill through the HF modules, as before the Stack's prefill), longtail")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
@@ -82,7 +85,8 @@ def check(results):
                               num_key_value_heads=1), s, torch.float32) for s in (1, 2))
     for m in (teacher, plus, minus):
         m.get_output_embeddings().weight.data.mul_(30.0)  # peaked distributions, as trained models have
-    models = DecodeModels(teacher=teacher, vocab_size=490, eos_ids=[7, 11], pad_id=0, plus=plus, minus=minus)
+    models = DecodeModels(teacher=teacher, vocab_size=490, eos_ids=[7, 11], pad_id=0, plus=plus, minus=minus,
+                          eps=SamplingParams().eps)  # random stand-ins for theta +- eps g, at the params' eps
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(20, 490, (int(n),), generator=g).tolist() for n in torch.randint(3, 40, (24,), generator=g)]
     rows = list(range(100, 124))
@@ -92,20 +96,20 @@ def check(results):
                          ("plain_top_p", SamplingParams(tau=1.0, top_p=0.9, seed=6)),
                          ("greedy", SamplingParams(tau=0.0))]:
         want = generate_reference(models, prompts, rows, budgets, params)
-        got = engine.generate(models, prompts, rows, budgets, params, batch_size=8, check_every=4)
+        got = engine.generate(models, prompts, rows, budgets, params, batch_size=8, options=EngineOptions(check_every=4))
         same = sum(a == b for a, b in zip(want[0], got[0]))
         out[f"tokens_equal_{name}"] = f"{same}/{len(prompts)} rows" + ("" if want[1] == got[1] else ", EOS flags differ")
     torch.backends.cuda.matmul.allow_tf32 = True
     q = torch.randn(192, 28, 128, device="cuda", dtype=torch.bfloat16)
     kc, vc = (torch.randn(192, 4, 768, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     lengths = torch.randint(1, 769, (192,), device="cuda")
-    a = engine.decode_attention_triton(q, kc, vc, lengths, 128 ** -0.5).float()
-    b = engine.decode_attention_torch(q, kc, vc, lengths, 128 ** -0.5).float()
+    a = kernels.decode_attention_triton(q, kc, vc, lengths, 128 ** -0.5).float()
+    b = kernels.decode_attention_torch(q, kc, vc, lengths, 128 ** -0.5).float()
     out["attention_rel_err_bf16"] = ((a - b).norm() / b.norm()).item()
     out["prefill_kernels_bf16"] = check_prefill_kernels()
     scores = torch.randn(192, VOCAB, device="cuda") * 4
     u = torch.rand(192, device="cuda")
-    same = (engine.sample_tokens(scores, u, 0, 0.95) == sample_from_scores(scores, u, 0, 0.95)).float().mean()
+    same = (kernels.sample_tokens(scores, u, 0, 0.95) == sample_from_scores(scores, u, 0, 0.95)).float().mean()
     out["sampler_token_match"] = same.item()
     results["check"] = out
     print(json.dumps(out, indent=1), flush=True)
@@ -118,16 +122,16 @@ def check_prefill_kernels(tokens=4096):
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     x, y = torch.randn(1, tokens, 3584, **bf16), torch.randn(1, tokens, 3584, **bf16)
     w = torch.rand(1, 3584, **bf16) + 0.5
-    x_out, h = engine.add_norm_triton(x, y, w, 1e-6)
-    h_want = engine.rms_norm(x + y, w, 1e-6)
+    x_out, h = kernels.add_norm_triton(x, y, w, 1e-6)
+    h_want = kernels.rms_norm(x + y, w, 1e-6)
     qkv = torch.randn(1, tokens, 28 + 8, 128, **bf16)
     angle = torch.randint(0, 32768, (tokens, 1), device="cuda") * 10000.0 ** -(torch.arange(0, 128, 2, device="cuda") / 128)
     cos, sin = (f(torch.cat((angle, angle), -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
     q, k, _ = qkv.split([28, 4, 4], dim=2)
-    q_want, k_want = (engine.rotate(t, cos[None, :, None], sin[None, :, None]) for t in (q, k))
-    engine.rotate_qk_triton(qkv, cos, sin, 32)
+    q_want, k_want = (kernels.rotate(t, cos[None, :, None], sin[None, :, None]) for t in (q, k))
+    kernels.rotate_qk_triton(qkv, cos, sin, 32)
     gate_up = torch.randn(1, tokens, 2 * 18944, **bf16)
-    silu = engine.silu_mul_triton(gate_up)
+    silu = kernels.silu_mul_triton(gate_up)
     silu_want = torch.nn.functional.silu(gate_up[..., :18944]) * gate_up[..., 18944:]
     rotated, rotated_want = torch.cat((q, k), 2), torch.cat((q_want, k_want), 2)
     return dict(add_equal=torch.equal(x_out, x + y), rotary_equal_frac=(rotated == rotated_want).float().mean().item(),
@@ -156,39 +160,31 @@ def roofline(batch, context, models):
     return max(weight_bytes / COPY_BW, flops / MATMUL_PEAK) + kv / COPY_BW
 
 
-def scan_whole_rows(probs, u):
+def scan_whole_rows(probs, u, piece=None):
     """The sampler's inverse CDF as one scan over each whole row, as the engine had it before
-    engine.inverse_cdf (the wholescan variant)."""
+    kernels.inverse_cdf (the wholescan variant; piece is unused)."""
     cdf = probs.cumsum(-1)
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def time_engine(models, params, batch, refill=True, prompts=None, budgets=None, compile_layers=True, fused=True,
-                fused_prefill=True, patch=None):
-    """engine.generate over the workload; patch: engine module attributes swapped in for this run
-    only (a variant's older piece of the sampler)."""
+def time_engine(models, params, batch, prompts=None, budgets=None, **options):
+    """engine.generate over the workload; options: EngineOptions fields that differ from the defaults
+    (a variant: an older piece of the engine, or static batches)."""
     prompts = prompts or random_prompts(batch, args.prompt_len, batch)
     budgets = budgets or [args.new] * len(prompts)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     timings = {}
-    patch = patch or {}
-    kept = {name: getattr(engine, name) for name in patch}
-    for name, value in patch.items():
-        setattr(engine, name, value)
+    opts = EngineOptions(timings=timings, **options)
     start = time.perf_counter()
-    try:
-        tokens, _ = engine.generate(models, prompts, list(range(len(prompts))), budgets, params, batch,
-                                    refill=refill, timings=timings, compile_layers=compile_layers, fused=fused,
-                                    fused_prefill=fused_prefill)
-    finally:
-        for name, value in kept.items():
-            setattr(engine, name, value)
+    tokens, _ = engine.generate(models, prompts, list(range(len(prompts))), budgets, params, batch, options=opts)
     wall = time.perf_counter() - start - timings["capture_s"]
     n = sum(len(t) for t in tokens)
-    return dict(batch=batch, generated=n, wall_s=wall, setup_s=timings["capture_s"], compile_layers=compile_layers,
-                compiled=timings["compiled"], fused=fused, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
-                steps=timings["steps"], patched=sorted(patch), fused_prefill=fused_prefill, tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
+    changed = {k: getattr(v, "__name__", v) for k, v in options.items()}  # the variant's options, as written
+    return dict(batch=batch, generated=n, wall_s=wall, setup_s=timings["capture_s"], compile_layers=opts.compile_layers,
+                compiled=timings["compiled"], fused=opts.fused, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
+                steps=timings["steps"], options=changed, fused_prefill=opts.fused_prefill,
+                tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
                 tok_s=n / wall, decode_tok_s=n / timings["decode_s"],
                 ms_per_step=1e3 * timings["decode_s"] / timings["steps"],
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -267,7 +263,7 @@ def profile_step(models, params, batch):
         eng.capture()
         eng.prefill(list(range(batch)), prompts, list(range(batch)), [64] * batch)
         torch.cuda.synchronize()
-        group = min(batch, engine.PREFILL_TOKENS // args.prompt_len)
+        group = min(batch, eng.options.prefill_tokens // args.prompt_len)
         with profile(activities=[ProfilerActivity.CUDA]) as pre:
             eng.prefill(list(range(group)), prompts[:group], list(range(group)), [64] * group)
             torch.cuda.synchronize()
@@ -300,7 +296,7 @@ def main():
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    transformers=__import__("transformers").__version__,
                    prompt_len=args.prompt_len, new_tokens=args.new, params_ads=vars(ADS), params_plain=vars(PLAIN),
-                   tuning=engine.TUNING_LOG)  # filled as the engine tunes its kernels (saved with each stage)
+                   tuning=kernels.TUNING_LOG)  # filled as the engine tunes its kernels (saved with each stage)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -312,7 +308,7 @@ def main():
         save()
     teacher = build(TEACHER, 0)
     plus, minus = build(PROXY, 1), build(PROXY, 2)
-    models = DecodeModels(teacher=teacher, vocab_size=VOCAB, eos_ids=[], pad_id=0, plus=plus, minus=minus)
+    models = DecodeModels(teacher=teacher, vocab_size=VOCAB, eos_ids=[], pad_id=0, plus=plus, minus=minus, eps=ADS.eps)
     if "profile" in stages:
         results["profile_ads_192"] = profile_step(models, ADS, 192)
         results["profile_plain_192"] = profile_step(models, PLAIN, 192)
@@ -336,8 +332,8 @@ def main():
             variants = [("engine", {})] if "engine" in stages else []
             variants += [("unfused", dict(fused=False))] if "unfused" in stages and b == 192 and mode == "ads" else []
             variants += [("eagerblocks", dict(compile_layers=False))] if "eagerblocks" in stages and b == 192 else []
-            variants += [("wholerows", dict(patch=dict(ROW_PIECE=VOCAB)))] if "wholerows" in stages and b == 192 else []
-            variants += [("wholescan", dict(patch=dict(inverse_cdf=scan_whole_rows)))] if "wholescan" in stages and b == 192 else []
+            variants += [("wholerows", dict(row_piece=VOCAB))] if "wholerows" in stages and b == 192 else []
+            variants += [("wholescan", dict(inverse_cdf=scan_whole_rows))] if "wholescan" in stages and b == 192 else []
             variants += [("hfprefill", dict(fused_prefill=False))] if "hfprefill" in stages and b == 192 else []
             mine = {}
             for name, kw in variants:

@@ -32,7 +32,7 @@ parser.add_argument("--new", type=int, default=512, help="generated tokens per r
 parser.add_argument("--out", required=True, help="JSON results path (written by the main process)")
 
 
-def decode(models, n_rows, rank, args):
+def decode_rows(models, n_rows, rank, args):
     prompts = random_prompts(n_rows, args.prompt_len, seed=1000 + rank)
     rows = [rank * n_rows + i for i in range(n_rows)]  # distinct rows per process, as in gentraces
     tokens, _ = engine.generate(models, prompts, rows, [args.new] * n_rows, ADS, args.batch)
@@ -44,12 +44,12 @@ def main():
     state = PartialState()
     torch.cuda.set_device(state.local_process_index)
     models = DecodeModels(teacher=build(TEACHER, 0), vocab_size=VOCAB, eos_ids=[], pad_id=0,
-                          plus=build(PROXY, 1), minus=build(PROXY, 2))
-    decode(models, args.batch, state.process_index, args)  # warm-up: capture and compile outside the window
+                          plus=build(PROXY, 1), minus=build(PROXY, 2), eps=ADS.eps)
+    decode_rows(models, args.batch, state.process_index, args)  # warm-up: capture and compile outside the window
     torch.cuda.synchronize()
     state.wait_for_everyone()
     start = time.perf_counter()
-    n = decode(models, args.batch, state.process_index, args)
+    n = decode_rows(models, args.batch, state.process_index, args)
     torch.cuda.synchronize()
     state.wait_for_everyone()
     wall = time.perf_counter() - start

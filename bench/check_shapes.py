@@ -1,4 +1,4 @@
-"""The engine's tokens against the Hugging Face reference loop (sampling.generate_reference) at each of
+"""The engine's tokens against the Hugging Face reference loop (decode.generate_reference) at each of
 the paper's real configs (real_shapes.yaml), on the GPU: the R1-Distill-7B-shaped teacher with two
 Qwen2.5-3B-shaped proxies under ADS (their logits 152,064 and 151,936 wide, cut to the tokenizer's
 151,665 ids), and the Llama-3.2-3B-shaped student (llama3 rope scaling, tied embeddings) alone. Untrained
@@ -18,8 +18,9 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
+from decode import generate_reference  # noqa: E402
 from make_assets import real_shapes  # noqa: E402
-from sampling import DecodeModels, SamplingParams, generate_reference  # noqa: E402
+from sampling import DecodeModels, SamplingParams  # noqa: E402
 
 SHARPEN = 30.0  # output-head scale: peaked distributions, as trained models have
 
@@ -36,7 +37,7 @@ def build(spec, seed):
 
 def compare(name, models, params, n_prompts, new_tokens, seed):
     reason = engine.unsupported_reason(models, params)
-    if reason:  # engine.generate would fall back to the reference loop and compare it with itself
+    if reason:  # decode.generate would fall back to the reference loop and compare it with itself
         raise SystemExit(f"error: the engine does not run {name}: {reason}")
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, 200, (n_prompts,), generator=g).tolist()
@@ -70,7 +71,7 @@ def main():
     teacher = build(shapes["teacher"], 0)
     plus, minus = build(shapes["proxy"], 1), build(shapes["proxy"], 2)  # two proxies, as theta +- eps g
     models = DecodeModels(teacher=teacher, vocab_size=shapes["teacher"]["tokenizer"]["size"], eos_ids=[151643],
-                          pad_id=151643, plus=plus, minus=minus)
+                          pad_id=151643, plus=plus, minus=minus, eps=ads.eps)
     results["teacher_ads_top_k_1"] = compare("teacher + proxies, ADS", models, ads, args.prompts, args.new, 1)
     del teacher, plus, minus, models
     torch.cuda.empty_cache()

@@ -17,16 +17,16 @@ sys.argv = ["x", "--new", "32"]  # bench_decode parses its arguments on import
 import bench_decode as B  # noqa: E402
 from torch.nn.attention import SDPBackend  # noqa: E402
 
+backends = B.kernels.PREFILL_BACKENDS
 if choice == "torch":
-    B.engine.PREFILL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    backends = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 t0 = time.time()
 teacher = B.build(B.TEACHER, 0)
 plus = B.build(B.PROXY, 1)
 minus = B.build(B.PROXY, 2)
-print(f"sdpa={choice}: {[b.name for b in B.engine.PREFILL_BACKENDS]}; built in {time.time() - t0:.1f}s", flush=True)
-models = B.DecodeModels(teacher=teacher, vocab_size=B.VOCAB, eos_ids=[], pad_id=0, plus=plus, minus=minus)
+print(f"sdpa={choice}: {[b.name for b in backends]}; built in {time.time() - t0:.1f}s", flush=True)
+models = B.DecodeModels(teacher=teacher, vocab_size=B.VOCAB, eos_ids=[], pad_id=0, plus=plus, minus=minus, eps=B.ADS.eps)
 for i in range(3):
-    r = B.time_engine(models, B.ADS, 192, compile_layers=False)
+    r = B.time_engine(models, B.ADS, 192, compile_layers=False, prefill_backends=backends)
     print(i, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()
               if k in ("prefill_s", "setup_s", "decode_s", "ms_per_step")}, flush=True)

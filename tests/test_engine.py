@@ -1,4 +1,5 @@
-"""engine.generate against sampling.py and against a from-scratch recomputation (CPU, tiny models)."""
+"""engine.generate (and kernels.py, stack.py) against decode.generate_reference, sampling.py and a
+from-scratch recomputation (CPU, tiny models)."""
 import math
 import os
 import subprocess
@@ -9,9 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import decode
 import engine
-from sampling import (DecodeModels, SamplingParams, ads_score, fd_delta, filter_top_k_top_p, generate_reference,
-                      permute_vocab, perturbed_proxies, row_uniforms, sample_from_scores)
+import kernels
+from decode import generate_reference
+from engine import EngineOptions
+from sampling import (DecodeModels, SamplingParams, ads_score, fd_delta, filter_top_k_top_p, permute_vocab,
+                      perturbed_proxies, row_uniforms, sample_from_scores)
+
+EPS = 1e-2          # the eps the proxies are built with (SamplingParams' default)
 
 VOCAB = 70          # ids the "tokenizer" defines: teacher logits are 80 wide, proxy logits 72
 PAD = 0
@@ -41,7 +48,7 @@ def one_thread():
 def proxies(proxy):
     g = torch.Generator().manual_seed(3)
     grads = {n: torch.randn(p.shape, generator=g) for n, p in proxy.named_parameters()}
-    plus, minus, _ = perturbed_proxies(proxy, grads, 1e-2)
+    plus, minus, _ = perturbed_proxies(proxy, grads, EPS)
     return plus, minus
 
 
@@ -52,7 +59,8 @@ def llama_teacher():
 
 def decode_models(teacher, proxies, eos_ids=(3,)):
     plus, minus = proxies if proxies else (None, None)
-    return DecodeModels(teacher=teacher, vocab_size=VOCAB, eos_ids=list(eos_ids), pad_id=PAD, plus=plus, minus=minus)
+    return DecodeModels(teacher=teacher, vocab_size=VOCAB, eos_ids=list(eos_ids), pad_id=PAD, plus=plus, minus=minus,
+                        eps=EPS if proxies else None)
 
 
 def ragged_prompts(n, seed):
@@ -103,7 +111,7 @@ def test_top_k_1_tokens_equal_from_scratch_recomputation_with_continuous_batchin
     models.eos_ids = [next(t[len(t) // 2] for t in free_run if len(t) > 3)]
     want = scratch_generate(models, params, prompts, rows, max_new)
     assert any(want[1]) and not all(want[1])
-    got = engine.generate(models, prompts, rows, max_new, params, batch_size=3, check_every=3)
+    got = engine.generate(models, prompts, rows, max_new, params, batch_size=3, options=EngineOptions(check_every=3))
     assert got == want
 
 
@@ -123,21 +131,21 @@ def test_sampled_tokens_equal_generate_reference(teacher, proxies):
     prompts, rows = ragged_prompts(9, seed=12), list(range(100, 109))
     max_new = [5, 14, 3, 10, 1, 8, 12, 6, 9]
     want = generate_reference(models, prompts, rows, max_new, params)
-    got = engine.generate(models, prompts, rows, max_new, params, batch_size=4, check_every=2)
+    got = engine.generate(models, prompts, rows, max_new, params, batch_size=4, options=EngineOptions(check_every=2))
     assert got == want
 
 
-@pytest.mark.parametrize("decode", ["engine", "reference"])
-def test_progress_reports_every_generated_token_and_finished_row_as_they_happen(decode, teacher, proxies):
+@pytest.mark.parametrize("loop", ["engine", "reference"])
+def test_progress_reports_every_generated_token_and_finished_row_as_they_happen(loop, teacher, proxies):
     models = decode_models(teacher, proxies, eos_ids=(3, 9))
     params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)
     prompts, rows = ragged_prompts(9, seed=12), list(range(100, 109))
     max_new = [5, 14, 3, 10, 0, 8, 12, 6, 9]
     calls = []
     progress = lambda tokens, finished: calls.append((tokens, finished))  # noqa: E731
-    if decode == "engine":
+    if loop == "engine":
         tokens, _ = engine.generate(models, prompts, rows, max_new, params, batch_size=4, progress=progress,
-                                    check_every=2)
+                                    options=EngineOptions(check_every=2))
     else:
         tokens, _ = generate_reference(models, prompts, rows, max_new, params, progress)
     assert sum(t for t, _ in calls) == sum(map(len, tokens)) and sum(r for _, r in calls) == 8  # one had no budget
@@ -152,9 +160,9 @@ def test_permutation_control_equals_generate_reference_and_breaks_the_ads_choice
     ads = SamplingParams(tau=1.0, lam=50.0, top_p=0.95, seed=5)
     control = SamplingParams(tau=1.0, lam=50.0, top_p=0.95, seed=5, control="permute")
     want = generate_reference(models, prompts, rows, max_new, control)
-    got = engine.generate(models, prompts, rows, max_new, control, batch_size=4, check_every=2)
+    got = engine.generate(models, prompts, rows, max_new, control, batch_size=4, options=EngineOptions(check_every=2))
     assert got == want
-    assert got != engine.generate(models, prompts, rows, max_new, ads, batch_size=4, check_every=2)
+    assert got != engine.generate(models, prompts, rows, max_new, ads, batch_size=4, options=EngineOptions(check_every=2))
 
 
 def test_results_do_not_depend_on_slots_or_check_interval(teacher, proxies):
@@ -162,7 +170,7 @@ def test_results_do_not_depend_on_slots_or_check_interval(teacher, proxies):
     params = SamplingParams(tau=1.0, lam=0.2, top_p=0.9, seed=1)
     prompts, rows = ragged_prompts(6, seed=13), list(range(6))
     max_new = [7, 3, 9, 5, 8, 2]
-    runs = [engine.generate(models, prompts, rows, max_new, params, batch_size=b, check_every=k)
+    runs = [engine.generate(models, prompts, rows, max_new, params, batch_size=b, options=EngineOptions(check_every=k))
             for b, k in [(1, 1), (2, 5), (6, 2)]]
     assert runs[0] == runs[1] == runs[2]
 
@@ -193,9 +201,10 @@ def test_fused_stack_prefills_and_decodes_like_the_hugging_face_modules_and_keep
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         before = [m(input_ids=ids).logits for m in (teacher, *proxies)]
-    unfused = engine.generate(models, prompts, rows, max_new, params, batch_size=3, fused=False)
+    unfused = engine.generate(models, prompts, rows, max_new, params, batch_size=3, options=EngineOptions(fused=False))
     fused = engine.generate(models, prompts, rows, max_new, params, batch_size=3)
-    hf_prefill = engine.generate(models, prompts, rows, max_new, params, batch_size=3, fused_prefill=False)
+    hf_prefill = engine.generate(models, prompts, rows, max_new, params, batch_size=3,
+                                 options=EngineOptions(fused_prefill=False))
     assert fused == unfused == hf_prefill
     with torch.no_grad():  # the Stack re-laid the weights in place: same values, so the same outputs
         after = [m(input_ids=ids).logits for m in (teacher, *proxies)]
@@ -263,21 +272,21 @@ def test_sort_free_sampler_equals_sampling_py(top_k, top_p):
     scores = torch.randn(64, 300, generator=g) * 3
     scores[:8] = (scores[:8] * 2).round() / 2  # many exact ties
     u = torch.rand(64, generator=g)
-    assert torch.equal(engine.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
+    assert torch.equal(kernels.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
 
 
 def test_row_reductions_in_pieces_equal_whole_row_ones_and_sample_the_same_tokens():
     g = torch.Generator().manual_seed(3)
     scores = torch.randn(16, 5000, generator=g) * 4  # 3 pieces of 2048, the last one padded
     scores[0, 4999] = 40.0  # the row's maximum in the padded piece
-    assert torch.equal(engine.row_max(scores), scores.amax(-1, keepdim=True))
-    probs = engine.softmax_rows(scores)
+    assert torch.equal(kernels.row_max(scores), scores.amax(-1, keepdim=True))
+    probs = kernels.softmax_rows(scores)
     assert torch.allclose(probs, torch.softmax(scores, -1), rtol=1e-4, atol=1e-7)
-    assert torch.allclose(engine.row_sum(probs), torch.ones(16, 1))
-    assert torch.equal(engine.row_max(probs.view(torch.int32), 0), probs.view(torch.int32).amax(-1, keepdim=True))
+    assert torch.allclose(kernels.row_sum(probs), torch.ones(16, 1))
+    assert torch.equal(kernels.row_max(probs.view(torch.int32), 0), probs.view(torch.int32).amax(-1, keepdim=True))
     u = torch.rand(16, generator=g)
     for top_k, top_p in [(0, 0.95), (0, 0.5), (7, 0.9)]:
-        assert torch.equal(engine.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
+        assert torch.equal(kernels.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
 
 
 def test_inverse_cdf_in_pieces_picks_the_whole_row_scans_token_and_never_a_zero_probability_one():
@@ -292,31 +301,53 @@ def test_inverse_cdf_in_pieces_picks_the_whole_row_scans_token_and_never_a_zero_
         p = probs[:, :width]
         cdf = p.cumsum(-1)
         want = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=width - 1)
-        assert torch.equal(engine.inverse_cdf(p, u), want)
+        assert torch.equal(kernels.inverse_cdf(p, u), want)
     # where a count lands on a zero (a rounded sum dipped) or past the end: the next positive entry,
     # else the last one; a row without any gets -1
     x = torch.tensor([[0.0, 0.2, 0.0, 0.0, 0.5, 0.0], [0.0, 0.2, 0.0, 0.0, 0.5, 0.0], [0.0] * 6])
-    assert engine.first_positive_from(x, torch.tensor([[2], [6], [0]])).tolist() == [[4], [4], [-1]]
+    assert kernels.first_positive_from(x, torch.tensor([[2], [6], [0]])).tolist() == [[4], [4], [-1]]
     # float32 rows of 151,665 whose pieces are summed in another order than the scan: rounding may move
     # a draw to a neighbour, but never onto a token of zero probability
     probs = torch.softmax(torch.randn(32, 151665, generator=g) * 3, -1)
     probs = torch.where(probs > probs.median(-1, keepdim=True).values, probs, 0.0)
     for u in (torch.rand(32, generator=g), torch.ones(32), torch.full((32,), 1 - 2 ** -24)):
-        tok = engine.inverse_cdf(probs, u)
+        tok = kernels.inverse_cdf(probs, u)
         assert (probs.gather(1, tok[:, None]) > 0).all()
 
 
-def test_jvp_mode_falls_back_to_the_reference_with_a_notice(teacher, proxies, proxy, capsys):
+def test_jvp_mode_is_refused_by_the_engine_and_decoded_by_the_reference_loop_with_a_notice(teacher, proxies, proxy, capsys):
     grads = {n: torch.randn_like(p) for n, p in proxy.named_parameters()}
     models = decode_models(teacher, proxies, eos_ids=(3,))
     models.proxy, models.grads = proxy, grads
     params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, ads_mode="jvp")
     prompts, rows, max_new = ragged_prompts(3, seed=17), [0, 1, 2], [3, 2, 4]
-    got = engine.generate(models, prompts, rows, max_new, params, batch_size=2)
+    with pytest.raises(ValueError, match="ads_mode=jvp"):
+        engine.generate(models, prompts, rows, max_new, params, batch_size=2)
+    got = decode.generate(models, prompts, rows, max_new, params, batch_size=2)
     assert "ads_mode=jvp" in capsys.readouterr().err
     want_a = generate_reference(models, prompts[:2], rows[:2], max_new[:2], params)
     want_b = generate_reference(models, prompts[2:], rows[2:], max_new[2:], params)
     assert got == (want_a[0] + want_b[0], want_a[1] + want_b[1])
+
+
+def test_an_fd_run_refuses_an_eps_other_than_the_one_its_proxies_were_built_with(teacher, proxies):
+    models = decode_models(teacher, proxies, eos_ids=(3,))
+    prompts, rows, max_new = ragged_prompts(2, seed=19), [0, 1], [3, 3]
+    wrong = SamplingParams(tau=0.8, lam=0.3, eps=EPS / 10)
+    for run in (lambda: decode.generate(models, prompts, rows, max_new, wrong, batch_size=2),
+                lambda: decode.generate(models, prompts, rows, max_new, wrong, batch_size=2, engine="reference"),
+                lambda: engine.generate(models, prompts, rows, max_new, wrong, batch_size=2),
+                lambda: generate_reference(models, prompts, rows, max_new, wrong)):
+        with pytest.raises(ValueError, match="built with eps=0.01"):
+            run()
+    unknown = decode_models(teacher, proxies, eos_ids=(3,))
+    unknown.eps = None
+    with pytest.raises(ValueError, match="DecodeModels.eps is not set"):
+        decode.generate(unknown, prompts, rows, max_new, SamplingParams(tau=0.8, lam=0.3, eps=EPS), batch_size=2)
+    # the proxies' eps binds only runs that use them: plain sampling and greedy ignore params.eps
+    for params in (SamplingParams(tau=0.8, lam=0.0, eps=1.0), SamplingParams(tau=0.0, lam=0.3, eps=1.0)):
+        assert decode.generate(unknown, prompts, rows, max_new, params, batch_size=2) == \
+            generate_reference(unknown, prompts, rows, max_new, params)
 
 
 def test_tuning_keeps_the_fastest_layout_whose_output_matches_the_default():
@@ -336,50 +367,50 @@ def test_tuning_keeps_the_fastest_layout_whose_output_matches_the_default():
         return cost[ran[-1]]
 
     key = ("test-layouts", 6)
-    engine.TUNED.pop(key, None)
+    kernels.TUNED.pop(key, None)
     try:
-        engine.tune(key, list(cost), run, timer)
-        assert engine.TUNED[key] == "fast"
+        kernels.tune(key, list(cost), run, timer)
+        assert kernels.TUNED[key] == "fast"
         ran.clear()
-        engine.tune(key, list(cost), run, timer)  # tuned once per process
+        kernels.tune(key, list(cost), run, timer)  # tuned once per process
         assert ran == []
     finally:
-        engine.TUNED.pop(key, None)
+        kernels.TUNED.pop(key, None)
 
 
 KERNEL_CHECK = """
-import torch, engine
+import torch, kernels
 torch.manual_seed(0)
 q, kc, vc = torch.randn(3, 6, 32), torch.randn(3, 2, 300, 32), torch.randn(3, 2, 300, 32)
 lengths = torch.tensor([1, 130, 300])
-b = engine.decode_attention_torch(q, kc, vc, lengths, 0.17)
-for config in engine.ATTENTION_CONFIGS:
-    a = engine.decode_attention_triton(q, kc, vc, lengths, 0.17, config)
+b = kernels.decode_attention_torch(q, kc, vc, lengths, 0.17)
+for config in kernels.ATTENTION_CONFIGS:
+    a = kernels.decode_attention_triton(q, kc, vc, lengths, 0.17, config)
     assert ((a - b).norm() / b.norm()) < 1e-5, config
 probs = torch.softmax(torch.randn(4, 9000) * 3, -1)
 cand = probs.view(torch.int32)[:, :16].sort(-1).values.contiguous()
 bits = probs.view(torch.int32)
 want = torch.stack([torch.where(bits > c[:, None], probs, 0.).sum(-1) for c in cand.unbind(-1)], -1)
-for chunk, sub, _, column in engine.MASS_CONFIGS:
+for chunk, sub, _, column in kernels.MASS_CONFIGS:
     n = -(-9000 // chunk)
     part = torch.empty(4, n, 16)
-    engine._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
+    kernels._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
     assert torch.allclose(part.sum(1), want, atol=1e-5), (chunk, sub, column)
 # the prefill's elementwise kernels against the torch ops they replace (float32: the interpreter
 # truncates float32 -> bfloat16 where the GPU rounds to nearest, so bfloat16 is checked on the GPU)
 x, y, w = torch.randn(2, 5, 48), torch.randn(2, 5, 48), torch.randn(2, 48)
 for add in (None, y):
-    x_out, h = engine.add_norm_triton(x, add, w, 1e-6)
+    x_out, h = kernels.add_norm_triton(x, add, w, 1e-6)
     want = x if add is None else x + add
-    assert torch.equal(x_out, want) and torch.allclose(h, engine.rms_norm(want, w, 1e-6), atol=1e-5)
+    assert torch.equal(x_out, want) and torch.allclose(h, kernels.rms_norm(want, w, 1e-6), atol=1e-5)
 for heads, kv_heads in ((6, 2), (5, 1)):  # 8 heads to rotate, or 6 padded to 8 with 2 masked off
     qkv, cos, sin = torch.randn(2, 5, heads + 2 * kv_heads, 32), torch.randn(5, 32), torch.randn(5, 32)
-    want = engine.rotate_qk(qkv.clone(), cos, sin, heads, kv_heads)
-    engine.rotate_qk_triton(qkv, cos, sin, heads + kv_heads)
+    want = kernels.rotate_qk(qkv.clone(), cos, sin, heads, kv_heads)
+    kernels.rotate_qk_triton(qkv, cos, sin, heads + kv_heads)
     assert all(torch.equal(a, b) for a, b in zip(qkv.split([heads, kv_heads, kv_heads], dim=2), want))
 gate_up = torch.randn(2, 5, 2 * 1500)  # two column blocks, the second one partly masked
 want = torch.nn.functional.silu(gate_up[..., :1500]) * gate_up[..., 1500:]
-assert torch.allclose(engine.silu_mul_triton(gate_up), want, atol=1e-6)
+assert torch.allclose(kernels.silu_mul_triton(gate_up), want, atol=1e-6)
 """
 
 

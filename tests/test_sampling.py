@@ -1,4 +1,5 @@
-"""The ADS score, the sampler, the perturbed proxies and the reference decode loop (sampling.py)."""
+"""The ADS score, the sampler, the perturbed proxies (sampling.py) and the reference decode loop
+(decode.generate_reference) that applies them."""
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 import sampling
 from conftest import tiny_qwen
+from decode import generate_reference
 
 VOCAB = 64  # ids the "tokenizer" defines; both models have wider, padded logits
 
@@ -170,7 +172,7 @@ def test_inverse_cdf_sampling_follows_the_filtered_distribution():
 
 def _models(teacher, proxy, eps=1e-2, with_proxy=True):
     g = loss_gradient(proxy, torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5)))
-    models = sampling.DecodeModels(teacher=teacher, vocab_size=VOCAB, eos_ids=[2], pad_id=0)
+    models = sampling.DecodeModels(teacher=teacher, vocab_size=VOCAB, eos_ids=[2], pad_id=0, eps=eps)
     if with_proxy:
         models.plus, models.minus, _ = sampling.perturbed_proxies(proxy, g, eps)
         models.proxy, models.grads = proxy, g
@@ -182,7 +184,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
 
 def test_tau_zero_is_greedy_on_the_teacher(teacher, proxy):
     models = _models(teacher, proxy, with_proxy=False)
-    outs, _ = sampling.generate_reference(models, PROMPTS, [0, 1, 2], [6, 6, 6], sampling.SamplingParams(tau=0.0))
+    outs, _ = generate_reference(models, PROMPTS, [0, 1, 2], [6, 6, 6], sampling.SamplingParams(tau=0.0))
     for prompt, out in zip(PROMPTS, outs):  # compare with argmax of a full recomputation, one row at a time
         ids = list(prompt)
         for tok in out:
@@ -194,8 +196,8 @@ def test_tau_zero_is_greedy_on_the_teacher(teacher, proxy):
 def test_reference_decode_does_not_depend_on_batch_composition(teacher, proxy):
     models = _models(teacher, proxy)
     params = sampling.SamplingParams(tau=1.0, lam=0.5, eps=1e-2, top_p=0.95, seed=7)
-    together, _ = sampling.generate_reference(models, PROMPTS, [0, 1, 2], [8, 5, 8], params)
-    alone = [sampling.generate_reference(models, [p], [i], [n], params)[0][0]
+    together, _ = generate_reference(models, PROMPTS, [0, 1, 2], [8, 5, 8], params)
+    alone = [generate_reference(models, [p], [i], [n], params)[0][0]
              for i, (p, n) in enumerate(zip(PROMPTS, [8, 5, 8]))]
     assert together == alone
     assert [len(o) for o in together] == [8, 5, 8] or any(len(o) < 8 for o in together)
@@ -221,7 +223,7 @@ def test_token_terms_recompute_the_score_the_sampler_chose_by(teacher, proxy, co
     so the recomputed teacher log-prob plus ADS term must rank each chosen token first."""
     models = _models(teacher, proxy)
     params = sampling.SamplingParams(tau=1.0, lam=20.0, eps=1e-2, top_k=1, seed=3, control=control, ads_mode=mode)
-    outs, _ = sampling.generate_reference(models, PROMPTS, [0, 1, 2], [8, 8, 8], params)
+    outs, _ = generate_reference(models, PROMPTS, [0, 1, 2], [8, 8, 8], params)
     moved = 0
     for row, (prompt, out) in enumerate(zip(PROMPTS, outs)):
         logprobs, ads = sampling.token_terms(models, params, prompt, out, row)
