@@ -330,6 +330,25 @@ def test_jvp_mode_is_refused_by_the_engine_and_decoded_by_the_reference_loop_wit
     assert got == (want_a[0] + want_b[0], want_a[1] + want_b[1])
 
 
+def test_the_benchmarks_sampler_options_reach_the_sampler(teacher, proxies):
+    """EngineOptions.row_piece and .inverse_cdf (the benchmark's wholerows and wholescan variants) are
+    what the step samples with, in place of the module constants the benchmark used to patch."""
+    models = decode_models(teacher, proxies, eos_ids=(3, 9))
+    params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)
+    prompts, rows, max_new = ragged_prompts(4, seed=12), list(range(4)), [5, 3, 6, 4]
+    pieces = []
+
+    def whole_row_scan(probs, u, piece):
+        pieces.append(piece)
+        cdf = probs.cumsum(-1)
+        return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+    options = EngineOptions(row_piece=16, inverse_cdf=whole_row_scan)
+    got = engine.generate(models, prompts, rows, max_new, params, batch_size=2, options=options)
+    assert pieces and set(pieces) == {16}
+    assert got == generate_reference(models, prompts, rows, max_new, params)
+
+
 def test_an_fd_run_refuses_an_eps_other_than_the_one_its_proxies_were_built_with(teacher, proxies):
     models = decode_models(teacher, proxies, eos_ids=(3,))
     prompts, rows, max_new = ragged_prompts(2, seed=19), [0, 1], [3, 3]
