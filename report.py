@@ -121,6 +121,35 @@ def fmt_fd(entry: dict | None) -> str:
     return f"{entry['fd_cosine_median']:.3f} / {entry['fd_rel_error_median']:.2g}"
 
 
+def cut_counts(exp_dir: Path, rows: list[dict]) -> list[tuple[str, int, int]]:
+    """(row name, train traces cut at max_length, train traces), from each train trace set's sidecar
+    (EXP_DIR/traces/NAME.yaml: stats n and finished_fraction); rows without one are left out."""
+    import yaml
+    out = []
+    for r in rows:
+        sidecar = exp_dir / "traces" / f"{r['name']}.yaml"
+        if sidecar.is_file():
+            stats = (yaml.safe_load(sidecar.read_text()) or {}).get("stats") or {}
+            if stats.get("finished_fraction") is not None and stats.get("n"):
+                out.append((r["name"], round(stats["n"] * (1 - stats["finished_fraction"])), stats["n"]))
+    return out
+
+
+def cut_lines(cut: list[tuple[str, int, int]]) -> list[str]:
+    """The report's lines on train traces that hit max_length (none when no trace did): a cut trace may
+    lack its answer, and a teacher that never ends a trace (untrained weights do this) makes every time
+    and memory figure a worst case."""
+    if not any(k for _, k, _ in cut):
+        return []
+    lines = ["", "Train traces cut at max_length (no end of sequence): "
+             + "; ".join(f"{name} {k:,} of {n:,}" for name, k, n in cut)]
+    if any(k > n / 2 for _, k, n in cut):
+        lines[-1] += (". Most traces ran to the length limit: their answers may be cut off, and the run's times "
+                      "and memory are a worst case (a teacher that never ends a trace, such as untrained weights, "
+                      "does this).")
+    return lines
+
+
 def summary_line(label: str, entry: dict) -> str:
     af, raw = fmt_acc(entry, "af_accuracy"), fmt_acc(entry, "raw_accuracy")
     return f"{label}: af {af}%, raw {raw}% (n={entry.get('n', '-')})"
@@ -232,8 +261,8 @@ def gap_line(g: dict) -> str:
 
 def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: list[dict] = (),
                 metric: str = "af") -> None:
-    exp_dir = path.parent
     """Write the markdown report to a temporary name, then rename it to `path`."""
+    exp_dir = path.parent
     lines = [
         "# Antidistillation sampling: sweep report",
         "",
@@ -265,6 +294,7 @@ def write_table(rows: list[dict], entries: dict[str, dict], path: Path, gaps: li
         lines += ["", summary_line(f"Undistilled student on test, {fewshot['fewshot']}-shot plain prompts (how base "
                                    "models are usually evaluated, and the paper's baseline; af = the stated answer)",
                                    fewshot)]
+    lines += cut_lines(cut_counts(exp_dir, rows))
     if gaps:
         lines += ["", f"Student-accuracy gap ({metric}, percent points), curves interpolated over the teacher "
                   "accuracy both series reach; intervals resample each row's students (seeds), then the test "

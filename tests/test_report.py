@@ -254,3 +254,33 @@ def test_migrating_an_old_registry_gives_each_line_the_fields_gentraces_now_reco
     rows = report.collect_rows(report.load_registry(path))
     assert [(r["series"], sorted(r["students"], key=str)) for r in rows] == [
         ("ADS", [69, 70]), ("ADS, permuted penalty", []), ("temperature", [None])]
+
+
+def write_sidecar(exp_dir, row, finished_fraction, n=1000):
+    """The train traces' sidecar as gentraces.py writes it (only the fields the report reads)."""
+    (exp_dir / "traces").mkdir(exist_ok=True)
+    (exp_dir / "traces" / f"{row.name}.yaml").write_text(f"stats:\n  n: {n}\n  finished_fraction: {finished_fraction}\n")
+
+
+def test_report_says_when_the_train_traces_ran_to_max_length(exp_dir):
+    write_sidecar(exp_dir, ADS, 0.005)
+    write_sidecar(exp_dir, TEMPERATURE, 0.0)
+    report.main(["--exp-dir", str(exp_dir)])
+    line = next(x for x in (exp_dir / "report.md").read_text().splitlines() if x.startswith("Train traces cut"))
+    assert f"{ADS.name} 995 of 1,000" in line and f"{TEMPERATURE.name} 1,000 of 1,000" in line
+    assert ADS_NO_STUDENT.name not in line  # no sidecar: left out
+    assert "worst case" in line
+
+
+def test_a_few_cut_traces_are_counted_without_the_worst_case_warning(exp_dir):
+    write_sidecar(exp_dir, ADS, 0.9996, n=7000)
+    report.main(["--exp-dir", str(exp_dir)])
+    line = next(x for x in (exp_dir / "report.md").read_text().splitlines() if x.startswith("Train traces cut"))
+    assert line.endswith(f"{ADS.name} 3 of 7,000")
+
+
+def test_no_line_about_cut_traces_when_every_trace_ended(exp_dir):
+    write_sidecar(exp_dir, ADS, 1.0)
+    write_sidecar(exp_dir, TEMPERATURE, 1.0)
+    report.main(["--exp-dir", str(exp_dir)])
+    assert "cut at max_length" not in (exp_dir / "report.md").read_text()
