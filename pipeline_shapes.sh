@@ -18,6 +18,7 @@ ASSETS=${ASSETS:-$EXP_DIR/assets}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export CUDA_MEMORY_CAP_GIB=${CUDA_MEMORY_CAP_GIB:-80}
 STAGES=${STAGES:-all}   # all, or first: the holdout, the gradient, the ADS row's train traces, the undistilled student
+# (either way followed by stage 3 through the engine and through the reference loop, for the projection)
 # fixed NAME VALUE WHY: a variable this wrapper must set; a different value of the user's is refused, not ignored
 fixed() {
     [[ -z ${!1:-} || ${!1} == "$2" ]] \
@@ -40,19 +41,35 @@ GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 ((GPUS > 0)) || GPUS=1
 export LAUNCH=${LAUNCH:-"accelerate launch --config_file acc_config.yaml --num_processes $GPUS"}
 export GEN_ARGS="data_dir=$ASSETS/data ${GEN_ARGS:-}"
+read -r NAME _ TAU LAM EPS CONTROL < <(python grid.py --grid shapes | awk '$2 == "ads"')
+read -ra GEN <<<"$GEN_ARGS"
+TRACES=$EXP_DIR/traces
+ADS_ROW=(teacher="$TEACHER" proxy="$PROXY" data_split=gsm8k_train tau="$TAU" lam="$LAM" eps="$EPS"
+         ads_control="$CONTROL" grad_path="$EXP_DIR/student_grads.safetensors" exp_dir="$EXP_DIR")
+
+# stage 3 of the ADS row through the engine and through the reference loop (decode.generate_reference:
+# one forward per model and step, scored and sampled in plain torch, as a LogitsProcessor does) on one
+# batch of prompts (at most MAX_SAMPLES), REFERENCE_TOKENS new tokens each: bench/project_grid.py
+# projects the reference approach from their decode rates, measured in the same run (logs/stage3_*.log)
+stage3() {
+    local name=stage3_$1
+    mkdir -p "$EXP_DIR/logs"
+    local n=$((MAX_SAMPLES < ${ADS_BATCH:-192} ? MAX_SAMPLES : ${ADS_BATCH:-192}))
+    [[ -d $TRACES/$name ]] || python gentraces.py "${ADS_ROW[@]}" engine="$1" max_samples="$n" \
+        batch_size="${ADS_BATCH:-192}" max_new_tokens="${REFERENCE_TOKENS:-128}" role=other trace_name="$name" \
+        fd_check=0 token_details=0 answer_force=false "${GEN[@]}" 2>&1 | tee "$EXP_DIR/logs/$name.log"
+}
+
 if [[ $STAGES == first ]]; then
     # the stages where the four vocabularies meet, without distillation: what CI runs on CPU
     PREPARE_ONLY=1 bash pipeline.sh
-    read -r NAME _ TAU LAM EPS CONTROL < <(python grid.py --grid shapes | awk '$2 == "ads"')
-    read -ra GEN <<<"$GEN_ARGS"
-    TRACES=$EXP_DIR/traces
-    [[ -d $TRACES/$NAME ]] || python gentraces.py teacher="$TEACHER" proxy="$PROXY" data_split=gsm8k_train \
-        tau="$TAU" lam="$LAM" eps="$EPS" ads_control="$CONTROL" grid_row="$TAU $LAM $EPS $CONTROL" role=train \
-        grad_path="$EXP_DIR/student_grads.safetensors" exp_dir="$EXP_DIR" max_samples="$MAX_SAMPLES" \
-        batch_size="${ADS_BATCH:-192}" trace_name="$NAME" "${GEN[@]}"
+    [[ -d $TRACES/$NAME ]] || python gentraces.py "${ADS_ROW[@]}" grid_row="$TAU $LAM $EPS $CONTROL" role=train \
+        max_samples="$MAX_SAMPLES" batch_size="${ADS_BATCH:-192}" trace_name="$NAME" "${GEN[@]}"
     [[ -d $TRACES/eval_student_base ]] || python gentraces.py teacher="$STUDENT" tokenizer="$STUDENT_TOKENIZER" \
         data_split=gsm8k_test tau=0 lam=0 role=student_eval exp_dir="$EXP_DIR" max_samples="$TEST_MAX_SAMPLES" \
         trace_name=eval_student_base "${GEN[@]}"
-    exit 0
+else
+    bash pipeline.sh
 fi
-exec bash pipeline.sh
+stage3 auto
+stage3 reference
