@@ -24,6 +24,9 @@ fixed DATASET gsm8k "the tiny data has the GSM8K schema"
 python make_assets.py --out "$TINY"
 
 export GRID=${GRID:-tiny} BATCH=${BATCH:-64} ADS_BATCH=${ADS_BATCH:-64}
+# the three rows side by side: a tiny stage mostly waits on process starts and model loads, so 2 cores
+# run three row loops in 7:50 where one after another took 11:36 (results/tiny/README.md)
+export PARALLEL=${PARALLEL:-3}
 # accelerate starts several CPU processes only through torchrun (--multi_gpu); they talk over gloo
 export LAUNCH=${LAUNCH:-"accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"}
 # prompts are <= 75 teacher tokens and <= 170 student tokens; traces are ~30 tokens

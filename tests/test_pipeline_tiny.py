@@ -93,8 +93,9 @@ def runs(tiny_assets, tmp_path_factory):
                                            "TRAIN_ARGS": "report_to=tensorboard"},
                                       cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        kill_during_stage({**env, "EXP_DIR": str(killed)}, killed, KILLED_STAGE)
-        res = subprocess.run(["bash", str(REPO / "pipeline_tiny.sh")], env={**env, "EXP_DIR": str(killed)},
+        serial = {**env, "EXP_DIR": str(killed), "PARALLEL": "1"}
+        kill_during_stage(serial, killed, KILLED_STAGE)
+        res = subprocess.run(["bash", str(REPO / "pipeline_tiny.sh")], env=serial,
                              cwd=REPO, capture_output=True, text=True, timeout=1200)
         assert res.returncode == 0, res.stderr[-4000:]
         stages = [line.split(" ", 2)[2] for line in res.stderr.splitlines() if line.startswith("== ")]
