@@ -3,8 +3,8 @@
 # tokens, ADS batch 192, LoRA r 128 at max_length 4096, 3 epochs, the accelerate launcher) on untrained
 # bf16 models of the paper's configs (make_assets.py --profile shapes: a 7B R1-Distill-Qwen teacher, a
 # Qwen2.5-3B proxy, a Llama-3.2-3B student, tokenizers with the real id layouts), with only the sample
-# counts cut and a two-row grid (one temperature row, one ADS row). Untrained models never emit EOS, so
-# every trace runs to max_length: a worst case for time and memory. Each process's CUDA memory is capped
+# counts cut and a two-row grid (one temperature row, one ADS row). Untrained models almost never emit EOS,
+# so nearly every trace runs to max_length: a worst case for time and memory. Each process's CUDA memory is capped
 # at CUDA_MEMORY_CAP_GIB (default 80, an H100's), so a stage that fits here fits on the paper's node.
 #
 #   EXP_DIR=exp/shapes bash pipeline_shapes.sh                       # every GPU of the machine

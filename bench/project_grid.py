@@ -19,7 +19,8 @@ The reference approach differs only in generation: its generation work is ours t
 speed ratio (ADS stages take the ADS ratio, every other generation the lam = 0 one), and its overhead
 lacks our first decode update's latency (it compiles nothing). One projection per source of ratios:
 the run's own stage 3 through the engine and through the reference loop (pipeline_shapes.sh's
-stage3_auto and stage3_reference; ADS only), and each --bench file (bench/bench_decode.py's same-run
+stage3_auto and stage3_reference; ADS only; decode.generate_reference does the work of `generate` with a
+LogitsProcessor, in other code), and each --bench file (bench/bench_decode.py's same-run
 engine against Hugging Face `generate` with a LogitsProcessor at batch 192, end to end), whose spread
 shows how much the host-bound reference moves between machines. Distillation and the gradient are the
 same code for both.
