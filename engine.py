@@ -7,7 +7,7 @@ neither the batch a row lands in nor its slot changes its sample), at a fraction
   model classes run unchanged), or by the fused block stack (stack.py) for Llama/Qwen2-form models;
 - one decode step (teacher + both proxies + ADS score + sort-free top-k/top-p sampling + EOS and
   budget bookkeeping) is one CUDA graph replay, with each block, the score and the sampler fused by
-  torch.compile while the graph is recorded; the Triton kernels (kernels.py) take the layout that
+  torch.compile while the graph is recorded; the Triton kernels (engine_kernels.py) take the layout that
   times fastest on this GPU for these shapes, chosen once per process before the step is recorded;
 - a Scheduler on the host looks at the slots every `check_every` steps and refills a finished row's
   slot with the next prompt (prefilled outside the graph), so the batch stays full while trace
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from transformers import AttentionInterface
 
-from kernels import (ATTENTION_CONFIGS, HAVE_TRITON, MASS_CONFIGS, PREFILL_BACKENDS, ROW_PIECE, SEARCH_WAYS,
+from engine_kernels import (ATTENTION_CONFIGS, HAVE_TRITON, MASS_CONFIGS, PREFILL_BACKENDS, ROW_PIECE, SEARCH_WAYS,
                      attention_key, decode_attention, decode_attention_triton, inverse_cdf, mass_above, mass_key,
                      nucleus_probs, prefill_attention, sample_tokens, triton_head_dim, tune)
 from sampling import ads_score, check_eps, fd_delta, permute_vocab, row_uniforms

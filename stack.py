@@ -2,14 +2,14 @@
 gate/up as one weight each and the models stacked on a first axis, so a block of the two proxies is
 four batched matmuls for both, in decode and in prefill.  Building a Stack re-lays the models' weights
 in place (same values, no second copy).  Block functions take plain tensors, so the engine can compile
-decode_block once for every block.  Used by engine.py; the kernels come from kernels.py.
+decode_block once for every block.  Used by engine.py; the kernels come from engine_kernels.py.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kernels import PREFILL_BACKENDS, add_norm, decode_attention, gated, prefill_attention, rotate_qk
+from engine_kernels import PREFILL_BACKENDS, add_norm, decode_attention, gated, prefill_attention, rotate_qk
 
 FUSABLE_TYPES = ("llama", "qwen2")   # decoder blocks of the form HF Llama/Qwen2 write (checked by fusion_gap)
 

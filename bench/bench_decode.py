@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
-import kernels  # noqa: E402
+import engine_kernels  # noqa: E402
 from decode import cache_kwarg, generate_reference  # noqa: E402
 from engine import EngineOptions  # noqa: E402
 from sampling import DecodeModels, SamplingParams, fd_delta, sample_from_scores  # noqa: E402
@@ -32,8 +32,8 @@ parser.add_argument("--out", default="decode.json", help="JSON results path")
 parser.add_argument("--stages", default="check,engine,reference,unfused", help="comma list of stages to run: "
                     "check, profile, engine, reference, unfused (engine through the HF modules), eagerblocks, "
                     "wholerows (row_piece as wide as the vocabulary: the sampler's row reductions one program per row, "
-                    "as before row pieces, and since kernels.inverse_cdf its scan over the whole row too), "
-                    "wholescan (the sampler's inverse CDF one scan per row, as before kernels.inverse_cdf), "
+                    "as before row pieces, and since engine_kernels.inverse_cdf its scan over the whole row too), "
+                    "wholescan (the sampler's inverse CDF one scan per row, as before engine_kernels.inverse_cdf), "
                     "hfprefill (prefill through the HF modules, as before the Stack's prefill), longtail")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
@@ -103,13 +103,13 @@ def check(results):
     q = torch.randn(192, 28, 128, device="cuda", dtype=torch.bfloat16)
     kc, vc = (torch.randn(192, 4, 768, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     lengths = torch.randint(1, 769, (192,), device="cuda")
-    a = kernels.decode_attention_triton(q, kc, vc, lengths, 128 ** -0.5).float()
-    b = kernels.decode_attention_torch(q, kc, vc, lengths, 128 ** -0.5).float()
+    a = engine_kernels.decode_attention_triton(q, kc, vc, lengths, 128 ** -0.5).float()
+    b = engine_kernels.decode_attention_torch(q, kc, vc, lengths, 128 ** -0.5).float()
     out["attention_rel_err_bf16"] = ((a - b).norm() / b.norm()).item()
     out["prefill_kernels_bf16"] = check_prefill_kernels()
     scores = torch.randn(192, VOCAB, device="cuda") * 4
     u = torch.rand(192, device="cuda")
-    same = (kernels.sample_tokens(scores, u, 0, 0.95) == sample_from_scores(scores, u, 0, 0.95)).float().mean()
+    same = (engine_kernels.sample_tokens(scores, u, 0, 0.95) == sample_from_scores(scores, u, 0, 0.95)).float().mean()
     out["sampler_token_match"] = same.item()
     results["check"] = out
     print(json.dumps(out, indent=1), flush=True)
@@ -122,16 +122,16 @@ def check_prefill_kernels(tokens=4096):
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     x, y = torch.randn(1, tokens, 3584, **bf16), torch.randn(1, tokens, 3584, **bf16)
     w = torch.rand(1, 3584, **bf16) + 0.5
-    x_out, h = kernels.add_norm_triton(x, y, w, 1e-6)
-    h_want = kernels.rms_norm(x + y, w, 1e-6)
+    x_out, h = engine_kernels.add_norm_triton(x, y, w, 1e-6)
+    h_want = engine_kernels.rms_norm(x + y, w, 1e-6)
     qkv = torch.randn(1, tokens, 28 + 8, 128, **bf16)
     angle = torch.randint(0, 32768, (tokens, 1), device="cuda") * 10000.0 ** -(torch.arange(0, 128, 2, device="cuda") / 128)
     cos, sin = (f(torch.cat((angle, angle), -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
     q, k, _ = qkv.split([28, 4, 4], dim=2)
-    q_want, k_want = (kernels.rotate(t, cos[None, :, None], sin[None, :, None]) for t in (q, k))
-    kernels.rotate_qk_triton(qkv, cos, sin, 32)
+    q_want, k_want = (engine_kernels.rotate(t, cos[None, :, None], sin[None, :, None]) for t in (q, k))
+    engine_kernels.rotate_qk_triton(qkv, cos, sin, 32)
     gate_up = torch.randn(1, tokens, 2 * 18944, **bf16)
-    silu = kernels.silu_mul_triton(gate_up)
+    silu = engine_kernels.silu_mul_triton(gate_up)
     silu_want = torch.nn.functional.silu(gate_up[..., :18944]) * gate_up[..., 18944:]
     rotated, rotated_want = torch.cat((q, k), 2), torch.cat((q_want, k_want), 2)
     return dict(add_equal=torch.equal(x_out, x + y), rotary_equal_frac=(rotated == rotated_want).float().mean().item(),
@@ -162,7 +162,7 @@ def roofline(batch, context, models):
 
 def scan_whole_rows(probs, u, piece=None):
     """The sampler's inverse CDF as one scan over each whole row, as the engine had it before
-    kernels.inverse_cdf (the wholescan variant; piece is unused)."""
+    engine_kernels.inverse_cdf (the wholescan variant; piece is unused)."""
     cdf = probs.cumsum(-1)
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
@@ -296,7 +296,7 @@ def main():
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    transformers=__import__("transformers").__version__,
                    prompt_len=args.prompt_len, new_tokens=args.new, params_ads=vars(ADS), params_plain=vars(PLAIN),
-                   tuning=kernels.TUNING_LOG)  # filled as the engine tunes its kernels (saved with each stage)
+                   tuning=engine_kernels.TUNING_LOG)  # filled as the engine tunes its kernels (saved with each stage)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -17,7 +17,7 @@ sys.argv = ["x", "--new", "32"]  # bench_decode parses its arguments on import
 import bench_decode as B  # noqa: E402
 from torch.nn.attention import SDPBackend  # noqa: E402
 
-backends = B.kernels.PREFILL_BACKENDS
+backends = B.engine_kernels.PREFILL_BACKENDS
 if choice == "torch":
     backends = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 t0 = time.time()

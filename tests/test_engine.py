@@ -1,4 +1,4 @@
-"""engine.generate (and kernels.py, stack.py) against decode.generate_reference, sampling.py and a
+"""engine.generate (and engine_kernels.py, stack.py) against decode.generate_reference, sampling.py and a
 from-scratch recomputation (CPU, tiny models)."""
 import math
 import os
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import decode
 import engine
-import kernels
+import engine_kernels
 from decode import generate_reference
 from engine import EngineOptions
 from sampling import (DecodeModels, SamplingParams, ads_score, fd_delta, filter_top_k_top_p, permute_vocab,
@@ -272,21 +272,21 @@ def test_sort_free_sampler_equals_sampling_py(top_k, top_p):
     scores = torch.randn(64, 300, generator=g) * 3
     scores[:8] = (scores[:8] * 2).round() / 2  # many exact ties
     u = torch.rand(64, generator=g)
-    assert torch.equal(kernels.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
+    assert torch.equal(engine_kernels.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
 
 
 def test_row_reductions_in_pieces_equal_whole_row_ones_and_sample_the_same_tokens():
     g = torch.Generator().manual_seed(3)
     scores = torch.randn(16, 5000, generator=g) * 4  # 3 pieces of 2048, the last one padded
     scores[0, 4999] = 40.0  # the row's maximum in the padded piece
-    assert torch.equal(kernels.row_max(scores), scores.amax(-1, keepdim=True))
-    probs = kernels.softmax_rows(scores)
+    assert torch.equal(engine_kernels.row_max(scores), scores.amax(-1, keepdim=True))
+    probs = engine_kernels.softmax_rows(scores)
     assert torch.allclose(probs, torch.softmax(scores, -1), rtol=1e-4, atol=1e-7)
-    assert torch.allclose(kernels.row_sum(probs), torch.ones(16, 1))
-    assert torch.equal(kernels.row_max(probs.view(torch.int32), 0), probs.view(torch.int32).amax(-1, keepdim=True))
+    assert torch.allclose(engine_kernels.row_sum(probs), torch.ones(16, 1))
+    assert torch.equal(engine_kernels.row_max(probs.view(torch.int32), 0), probs.view(torch.int32).amax(-1, keepdim=True))
     u = torch.rand(16, generator=g)
     for top_k, top_p in [(0, 0.95), (0, 0.5), (7, 0.9)]:
-        assert torch.equal(kernels.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
+        assert torch.equal(engine_kernels.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
 
 
 def test_inverse_cdf_in_pieces_picks_the_whole_row_scans_token_and_never_a_zero_probability_one():
@@ -301,17 +301,17 @@ def test_inverse_cdf_in_pieces_picks_the_whole_row_scans_token_and_never_a_zero_
         p = probs[:, :width]
         cdf = p.cumsum(-1)
         want = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=width - 1)
-        assert torch.equal(kernels.inverse_cdf(p, u), want)
+        assert torch.equal(engine_kernels.inverse_cdf(p, u), want)
     # where a count lands on a zero (a rounded sum dipped) or past the end: the next positive entry,
     # else the last one; a row without any gets -1
     x = torch.tensor([[0.0, 0.2, 0.0, 0.0, 0.5, 0.0], [0.0, 0.2, 0.0, 0.0, 0.5, 0.0], [0.0] * 6])
-    assert kernels.first_positive_from(x, torch.tensor([[2], [6], [0]])).tolist() == [[4], [4], [-1]]
+    assert engine_kernels.first_positive_from(x, torch.tensor([[2], [6], [0]])).tolist() == [[4], [4], [-1]]
     # float32 rows of 151,665 whose pieces are summed in another order than the scan: rounding may move
     # a draw to a neighbour, but never onto a token of zero probability
     probs = torch.softmax(torch.randn(32, 151665, generator=g) * 3, -1)
     probs = torch.where(probs > probs.median(-1, keepdim=True).values, probs, 0.0)
     for u in (torch.rand(32, generator=g), torch.ones(32), torch.full((32,), 1 - 2 ** -24)):
-        tok = kernels.inverse_cdf(probs, u)
+        tok = engine_kernels.inverse_cdf(probs, u)
         assert (probs.gather(1, tok[:, None]) > 0).all()
 
 
@@ -386,50 +386,50 @@ def test_tuning_keeps_the_fastest_layout_whose_output_matches_the_default():
         return cost[ran[-1]]
 
     key = ("test-layouts", 6)
-    kernels.TUNED.pop(key, None)
+    engine_kernels.TUNED.pop(key, None)
     try:
-        kernels.tune(key, list(cost), run, timer)
-        assert kernels.TUNED[key] == "fast"
+        engine_kernels.tune(key, list(cost), run, timer)
+        assert engine_kernels.TUNED[key] == "fast"
         ran.clear()
-        kernels.tune(key, list(cost), run, timer)  # tuned once per process
+        engine_kernels.tune(key, list(cost), run, timer)  # tuned once per process
         assert ran == []
     finally:
-        kernels.TUNED.pop(key, None)
+        engine_kernels.TUNED.pop(key, None)
 
 
 KERNEL_CHECK = """
-import torch, kernels
+import torch, engine_kernels
 torch.manual_seed(0)
 q, kc, vc = torch.randn(3, 6, 32), torch.randn(3, 2, 300, 32), torch.randn(3, 2, 300, 32)
 lengths = torch.tensor([1, 130, 300])
-b = kernels.decode_attention_torch(q, kc, vc, lengths, 0.17)
-for config in kernels.ATTENTION_CONFIGS:
-    a = kernels.decode_attention_triton(q, kc, vc, lengths, 0.17, config)
+b = engine_kernels.decode_attention_torch(q, kc, vc, lengths, 0.17)
+for config in engine_kernels.ATTENTION_CONFIGS:
+    a = engine_kernels.decode_attention_triton(q, kc, vc, lengths, 0.17, config)
     assert ((a - b).norm() / b.norm()) < 1e-5, config
 probs = torch.softmax(torch.randn(4, 9000) * 3, -1)
 cand = probs.view(torch.int32)[:, :16].sort(-1).values.contiguous()
 bits = probs.view(torch.int32)
 want = torch.stack([torch.where(bits > c[:, None], probs, 0.).sum(-1) for c in cand.unbind(-1)], -1)
-for chunk, sub, _, column in kernels.MASS_CONFIGS:
+for chunk, sub, _, column in engine_kernels.MASS_CONFIGS:
     n = -(-9000 // chunk)
     part = torch.empty(4, n, 16)
-    kernels._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
+    engine_kernels._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
     assert torch.allclose(part.sum(1), want, atol=1e-5), (chunk, sub, column)
 # the prefill's elementwise kernels against the torch ops they replace (float32: the interpreter
 # truncates float32 -> bfloat16 where the GPU rounds to nearest, so bfloat16 is checked on the GPU)
 x, y, w = torch.randn(2, 5, 48), torch.randn(2, 5, 48), torch.randn(2, 48)
 for add in (None, y):
-    x_out, h = kernels.add_norm_triton(x, add, w, 1e-6)
+    x_out, h = engine_kernels.add_norm_triton(x, add, w, 1e-6)
     want = x if add is None else x + add
-    assert torch.equal(x_out, want) and torch.allclose(h, kernels.rms_norm(want, w, 1e-6), atol=1e-5)
+    assert torch.equal(x_out, want) and torch.allclose(h, engine_kernels.rms_norm(want, w, 1e-6), atol=1e-5)
 for heads, kv_heads in ((6, 2), (5, 1)):  # 8 heads to rotate, or 6 padded to 8 with 2 masked off
     qkv, cos, sin = torch.randn(2, 5, heads + 2 * kv_heads, 32), torch.randn(5, 32), torch.randn(5, 32)
-    want = kernels.rotate_qk(qkv.clone(), cos, sin, heads, kv_heads)
-    kernels.rotate_qk_triton(qkv, cos, sin, heads + kv_heads)
+    want = engine_kernels.rotate_qk(qkv.clone(), cos, sin, heads, kv_heads)
+    engine_kernels.rotate_qk_triton(qkv, cos, sin, heads + kv_heads)
     assert all(torch.equal(a, b) for a, b in zip(qkv.split([heads, kv_heads, kv_heads], dim=2), want))
 gate_up = torch.randn(2, 5, 2 * 1500)  # two column blocks, the second one partly masked
 want = torch.nn.functional.silu(gate_up[..., :1500]) * gate_up[..., 1500:]
-assert torch.allclose(kernels.silu_mul_triton(gate_up), want, atol=1e-6)
+assert torch.allclose(engine_kernels.silu_mul_triton(gate_up), want, atol=1e-6)
 """
 
 

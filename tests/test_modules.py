@@ -1,6 +1,7 @@
-"""The modules' import graph: no cycles, and the decode path layered sampling <- kernels <- stack <- engine
+"""The modules' import graph: no cycles, and the decode path layered sampling <- engine_kernels <- stack <- engine
 <- decode, so each can be read (and imported) without the ones after it."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DECODE_PATH = ["sampling", "kernels", "stack", "engine", "decode"]   # each may import only those before it
+DECODE_PATH = ["sampling", "engine_kernels", "stack", "engine", "decode"]   # each may import only those before it
 
 
 def local_imports():
@@ -59,3 +60,13 @@ def test_the_decode_path_is_layered():
 def test_each_module_imports_alone_in_a_fresh_interpreter(name):
     out = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_no_module_shadows_a_package_that_transformers_looks_for():
+    """A top-level file named like an optional package that transformers probes for is found by that
+    probe (the repository root is on sys.path) and imported in its place: kernels.py did this to the
+    Hub's `kernels` package under transformers 5.25, and every model import failed."""
+    import transformers.utils.import_utils as probes
+    probed = set(re.findall(r"""_is_package_available\(\s*["']([\w.]+)["']""", Path(probes.__file__).read_text()))
+    assert "kernels" in probed and "torch" in probed  # the probe list was read
+    assert not probed & {p.stem for p in ROOT.glob("*.py")}

@@ -1,5 +1,6 @@
 """The engine's GPU kernels, each next to the torch code it replaces (its twin, which CPU runs and the
-tests compare it with), and the tuning that picks each Triton kernel's layout:
+tests compare it with), and the tuning that picks each Triton kernel's layout. (Not named kernels.py:
+transformers looks for a `kernels` package and would import that file in its place.)
 
 - decode attention: a split-K Triton kernel over static slot caches (torch twin: masked attention);
   prefill attention through SDPA;
