@@ -123,15 +123,12 @@ def fmt_fd(entry: dict | None) -> str:
 
 def cut_counts(exp_dir: Path, rows: list[dict]) -> list[tuple[str, int, int]]:
     """(row name, train traces cut at max_length, train traces), from each train trace set's sidecar
-    (EXP_DIR/traces/NAME.yaml: stats n and finished_fraction); rows without one are left out."""
-    import yaml
+    (stats n and finished_fraction); rows without one are left out."""
     out = []
     for r in rows:
-        sidecar = exp_dir / "traces" / f"{r['name']}.yaml"
-        if sidecar.is_file():
-            stats = (yaml.safe_load(sidecar.read_text()) or {}).get("stats") or {}
-            if stats.get("finished_fraction") is not None and stats.get("n"):
-                out.append((r["name"], round(stats["n"] * (1 - stats["finished_fraction"])), stats["n"]))
+        stats = (utils.read_sidecar(exp_dir / "traces" / r["name"]) or {}).get("stats") or {}
+        if stats.get("finished_fraction") is not None and stats.get("n"):
+            out.append((r["name"], round(stats["n"] * (1 - stats["finished_fraction"])), stats["n"]))
     return out
 
 

@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from accelerate import PartialState
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from utils import (Attention, Count, ModelPath, OutputFile, Settings, TracesPath, cap_cuda_memory, die, load_config,
-                   load_model, load_tokenizer, load_traces, log, peak_gpu_gib, run_cli, same_tokenizer,
-                   tokenize_traces)
+                   load_model, load_tokenizer, load_traces, log, peak_gpu_gib, read_sidecar, run_cli,
+                   same_tokenizer, tokenize_traces)
 
 
 class GradSettings(Settings):
@@ -49,10 +48,10 @@ def check_traces_tokenizer(cfg, tokenizer):
     the teacher's tokenizer (gentraces.py refuses any other pair). The traces' yaml sidecar names the
     model whose tokenizer wrote them; a mismatch is refused now rather than after the backward pass.
     Traces without a sidecar, or whose model cannot be loaded here, are not checked."""
-    sidecar = Path(cfg.traces).parent / f"{Path(cfg.traces).name}.yaml"
-    if not sidecar.is_file():
+    sidecar = read_sidecar(Path(cfg.traces))
+    if sidecar is None:
         return
-    gen = (yaml.safe_load(sidecar.read_text()) or {}).get("config") or {}
+    gen = sidecar.get("config") or {}
     source = gen.get("tokenizer") or gen.get("teacher")
     if not source:
         return
@@ -60,7 +59,7 @@ def check_traces_tokenizer(cfg, tokenizer):
     try:
         source_tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):
-        log(f"cannot load {source} (named by {sidecar}) to check that it shares the proxy's tokenizer",
+        log(f"cannot load {source} (named by {cfg.traces}.yaml) to check that it shares the proxy's tokenizer",
             os.environ.get("RANK", "0") == "0")
         return
     if not same_tokenizer(source_tok, tokenizer):

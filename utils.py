@@ -708,6 +708,13 @@ def append_registry(exp_dir, entry):
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def read_sidecar(traces) -> dict | None:
+    """The yaml sidecar that gentraces.py writes beside a trace dataset (traces/NAME -> traces/NAME.yaml:
+    its config, stats and diagnostics), or None when there is none."""
+    path = Path(f"{traces}.yaml")
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
+
+
 def load_registry(path):
     """Registry entries by name (report.py, viewer.py); a name appended again (a rerun) replaces the
     earlier entry. A line that is not an entry as gentraces.py writes it is one error line naming it."""

@@ -39,6 +39,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grid  # noqa: E402
+import utils  # noqa: E402
 
 PAPER_COUNTS = {"train": 5231, "holdout": 2242, "test": 1209}  # GSM8K prompts: DESIGN, the paper's splits
 
@@ -73,7 +74,10 @@ def decode_seconds(log: str, generated_tokens: int) -> tuple[float, float]:
 
 
 def sidecar(run: Path, name: str) -> dict:
-    return yaml.safe_load((run / "traces" / f"{name}.yaml").read_text())
+    side = utils.read_sidecar(run / "traces" / name)
+    if side is None:
+        raise FileNotFoundError(f"no sidecar {run / 'traces' / name}.yaml in the run")
+    return side
 
 
 def measured_stages(run: Path) -> list[dict]:
@@ -123,10 +127,10 @@ def stage3_ratios(run: Path) -> dict[str, float] | None:
     there and taken as equal (1.0, which favours the reference). None when the run has not both."""
     rates = {}
     for engine in ("auto", "reference"):
-        log, side = run / "logs" / f"stage3_{engine}.log", run / "traces" / f"stage3_{engine}.yaml"
-        if not (log.is_file() and side.is_file()):
+        log, side = run / "logs" / f"stage3_{engine}.log", utils.read_sidecar(run / "traces" / f"stage3_{engine}")
+        if not log.is_file() or side is None:
             return None
-        tokens = yaml.safe_load(side.read_text())["stats"]["generated_tokens"]
+        tokens = side["stats"]["generated_tokens"]
         rates[engine] = tokens / decode_seconds(log.read_text(errors="replace"), tokens)[0]
     return {"ads": rates["auto"] / rates["reference"], "plain": 1.0}
 
@@ -134,8 +138,7 @@ def stage3_ratios(run: Path) -> dict[str, float] | None:
 def bench_ratios(path: Path) -> dict[str, float]:
     """End-to-end speed of the engine over the reference approach at batch 192, ADS and lam = 0."""
     data = json.loads(path.read_text())
-    pick = lambda rows: next(r["end_to_end"] for r in rows if r["batch"] == 192)  # noqa: E731
-    return {"ads": pick(data["speedup_ads"]), "plain": pick(data["speedup_plain"])}
+    return {kind: next(r["end_to_end"] for r in data[f"speedup_{kind}"] if r["batch"] == 192) for kind in ("ads", "plain")}
 
 
 def project(stages: list[dict], rows_per_kind: dict[str, int], processes: int, counts: dict,
@@ -162,7 +165,7 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def write(stages, ours, ours_total, refs, rows_per_kind, args) -> str:
+def write(ours, ours_total, refs, rows_per_kind, args) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(rows_per_kind.items()))
     lines = [
         f"# Projected wall time: grid `{args.grid}` ({sum(rows_per_kind.values())} rows: {kinds}) on one "
@@ -235,7 +238,7 @@ def main(argv=None):
     for path, ratios in sources:
         out, total = project(stages, rows_per_kind, args.processes, args.counts, ratios)
         refs.append((path, ratios, total, sum(s["total"] for s in out if s["gen"])))
-    text = write(stages, ours, ours_total, refs, rows_per_kind, args)
+    text = write(ours, ours_total, refs, rows_per_kind, args)
     if args.out:
         args.out.write_text(text)
     print(text, end="")

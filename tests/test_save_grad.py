@@ -201,3 +201,22 @@ def test_traces_from_the_proxys_own_tokenizer_pass_the_check(tokenizer_only, tmp
     with pytest.raises(ConfigError, match="have different tokenizers"):
         save_grad.check_traces_tokenizer(SimpleNamespace(traces=args["traces"], proxy="p", trust_remote_code=False),
                                          tf.make_tokenizer(tf.STUDENT))
+
+
+def test_traces_written_with_another_tokenizer_are_refused_by_their_sidecar(assets, tmp_path):
+    """The sidecar beside the traces names the model whose tokenizer wrote them; a proxy with other
+    token ids is refused before any gradient, and a sidecar naming nothing loadable is not a refusal."""
+    import shutil
+
+    import yaml
+    _, proxy, traces = assets
+    other = tmp_path / "other_teacher"
+    tf.make_tokenizer(tf.STUDENT).save_pretrained(other)
+    copied = tmp_path / "holdout"
+    shutil.copytree(traces, copied)
+    (tmp_path / "holdout.yaml").write_text(yaml.safe_dump({"config": {"teacher": str(other)}}))
+    with pytest.raises(ConfigError, match="have different tokenizers"):
+        run_inprocess(proxy, copied, tmp_path / "g.safetensors", 4)
+    assert not (tmp_path / "g.safetensors").exists()
+    (tmp_path / "holdout.yaml").write_text(yaml.safe_dump({"config": {"teacher": str(tmp_path / "missing")}}))
+    assert run_inprocess(proxy, copied, tmp_path / "g.safetensors", 4)  # checked where it can be
