@@ -18,14 +18,15 @@ traces, its student's distillation and eval and the teacher's eval with the row'
 The reference approach differs only in generation: its generation work is ours times a measured
 speed ratio (ADS stages take the ADS ratio, every other generation the lam = 0 one), and its overhead
 lacks our first decode update's latency (it compiles nothing). One projection per source of ratios:
-the run's own stage 3 through the engine and through the reference loop (pipeline_shapes.sh's
-stage3_auto and stage3_reference; ADS only; decode.generate_reference does the work of `generate` with a
-LogitsProcessor, in other code), and each --bench file (bench/bench_decode.py's same-run
-engine against Hugging Face `generate` with a LogitsProcessor at batch 192, end to end), whose spread
-shows how much the host-bound reference moves between machines. Distillation and the gradient are the
+the same run's stage 3 through the engine and through the reference loop, steady decoding (the run, or
+--stage3 RUN: pipeline_shapes.sh's stage3_ROW_ENGINE for its ADS and temperature rows;
+decode.generate_reference does the work of `generate` with a LogitsProcessor, in other code), and each
+--bench file (bench/bench_decode.py's same-run engine against Hugging Face `generate` with a
+LogitsProcessor at batch 192, end to end), whose spread shows how much the host-bound reference moves
+between machines. Distillation and the gradient are the
 same code for both.
 
-    python bench/project_grid.py --run results/shapes/run_5c5adca \
+    python bench/project_grid.py --run results/shapes/run_5c5adca --stage3 results/shapes/run_STAGE3 \
         --bench bench/results/h200_engine_vs_reference_b192_*.json --out results/shapes/run_5c5adca/projection.md
 """
 import argparse
@@ -122,17 +123,22 @@ def measured_stages(run: Path) -> list[dict]:
 
 
 def stage3_ratios(run: Path) -> dict[str, float] | None:
-    """The run's own ADS ratio: the engine's steady decode rate over the reference loop's on the same
-    stage-3 workload (pipeline_shapes.sh's stage3_auto and stage3_reference); lam = 0 is not measured
-    there and taken as equal (1.0, which favours the reference). None when the run has not both."""
-    rates = {}
-    for engine in ("auto", "reference"):
-        log, side = run / "logs" / f"stage3_{engine}.log", utils.read_sidecar(run / "traces" / f"stage3_{engine}")
-        if not log.is_file() or side is None:
-            return None
-        tokens = side["stats"]["generated_tokens"]
-        rates[engine] = tokens / decode_seconds(log.read_text(errors="replace"), tokens)[0]
-    return {"ads": rates["auto"] / rates["reference"], "plain": 1.0}
+    """The run's own ratios: the engine's steady decode rate over the reference loop's on the same stage-3
+    workload, for the ADS row and for the temperature row (lam = 0), pipeline_shapes.sh's
+    stage3_ROW_ENGINE.  A run without the temperature row's pair takes lam = 0 as equal (1.0, which
+    favours the reference).  None when the run has not the ADS row's pair."""
+    ratios = {}
+    for kind, row in (("ads", "ads"), ("plain", "temperature")):
+        rates = {}
+        for engine in ("auto", "reference"):
+            name = f"stage3_{row}_{engine}"
+            log, side = run / "logs" / f"{name}.log", utils.read_sidecar(run / "traces" / name)
+            if log.is_file() and side is not None:
+                tokens = side["stats"]["generated_tokens"]
+                rates[engine] = tokens / decode_seconds(log.read_text(errors="replace"), tokens)[0]
+        if len(rates) == 2:
+            ratios[kind] = rates["auto"] / rates["reference"]
+    return None if "ads" not in ratios else {"plain": 1.0, **ratios}
 
 
 def bench_ratios(path: Path) -> dict[str, float]:
@@ -217,6 +223,8 @@ def parse_args(argv=None):
     p.add_argument("--run", type=Path, required=True, help="a results/shapes run folder")
     p.add_argument("--grid", default="paper", help="a grid name of grid.py")
     p.add_argument("--processes", type=int, default=8, help="GPUs of the node, one process each")
+    p.add_argument("--stage3", type=Path, help="the run whose stage 3 gives the same-run ratios (default --run; "
+                   "a STAGES=stage3 run of pipeline_shapes.sh)")
     p.add_argument("--bench", type=Path, nargs="*", default=[], help="bench_decode.py results with a reference stage")
     p.add_argument("--out", type=Path, help="markdown file to write (default: print)")
     args = p.parse_args(argv)
@@ -233,7 +241,8 @@ def main(argv=None):
     stages = measured_stages(args.run)
     ours, ours_total = project(stages, rows_per_kind, args.processes, args.counts)
     refs = []
-    sources = [(f"{args.run}: stage 3, engine vs reference loop", stage3_ratios(args.run))]
+    stage3 = args.stage3 or args.run
+    sources = [(f"{stage3}: stage 3, engine vs reference loop", stage3_ratios(stage3))]
     sources = [s for s in sources if s[1]] + [(path, bench_ratios(path)) for path in args.bench]
     for path, ratios in sources:
         out, total = project(stages, rows_per_kind, args.processes, args.counts, ratios)

@@ -74,18 +74,23 @@ def test_the_gradient_and_the_fd_check_use_the_proxys_own_width(shapes_run):
     assert diagnostics["fd_positions"] > 0 and diagnostics["fd_cosine_median"] > 0.99
 
 
-def test_stage_3_runs_through_the_engine_and_the_reference_loop_and_gives_a_ratio(shapes_run):
-    """pipeline_shapes.sh's same-run measurement of the reference approach: the same prompts decoded to
-    the same lengths by both paths (tokens may differ: an untrained model's near-flat distributions put
-    draws on ties that float rounding decides), and a decode-rate ratio that bench/project_grid.py reads."""
+def test_stage_3_runs_through_the_engine_and_the_reference_loop_and_gives_ratios(shapes_run):
+    """pipeline_shapes.sh's same-run measurement of the reference approach, for the ADS row and the
+    temperature row: the same prompts decoded to the same lengths by both paths (tokens may differ: an
+    untrained model's near-flat distributions put draws on ties that float rounding decides), and
+    decode-rate ratios that bench/project_grid.py reads."""
     import sys
 
     import pandas as pd
     sys.path.insert(0, str(REPO / "bench"))
     import project_grid
-    engine, reference = (pd.read_parquet(shapes_run / "traces" / f"stage3_{e}.parquet") for e in ("auto", "reference"))
-    assert len(engine) == 8 and list(engine["prompt"]) == list(reference["prompt"])
-    assert list(engine["n_tokens"]) == list(reference["n_tokens"])
-    assert [sidecar(shapes_run, f"stage3_{e}")["config"]["engine"] for e in ("auto", "reference")] == ["auto", "reference"]
+    for row in ("ads", "temperature"):
+        engine, reference = (pd.read_parquet(shapes_run / "traces" / f"stage3_{row}_{e}.parquet")
+                             for e in ("auto", "reference"))
+        assert len(engine) == 8 and list(engine["prompt"]) == list(reference["prompt"])
+        assert list(engine["n_tokens"]) == list(reference["n_tokens"])
+        configs = [sidecar(shapes_run, f"stage3_{row}_{e}")["config"] for e in ("auto", "reference")]
+        assert [c["engine"] for c in configs] == ["auto", "reference"]
+        assert {c["lam"] > 0 for c in configs} == {row == "ads"}
     ratios = project_grid.stage3_ratios(shapes_run)
-    assert ratios["ads"] > 0 and ratios["plain"] == 1.0
+    assert set(ratios) == {"ads", "plain"} and ratios["ads"] > 0 and ratios["plain"] > 0 and ratios["plain"] != 1.0

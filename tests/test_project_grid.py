@@ -75,3 +75,21 @@ def test_the_committed_rehearsal_projects_the_paper_grid(tmp_path):
     reference = project_grid.project(stages, {"ads": 38, "temperature": 21}, 8, project_grid.PAPER_COUNTS, ratios)[1]
     assert 0 < ours < reference
     assert f"{ours / 3600:.1f} h with this repository" in text
+
+
+def write_stage3(run: Path, row: str, engine: str, rate: float, tokens: int = 24_576):
+    (run / "logs").mkdir(parents=True, exist_ok=True)
+    (run / "traces").mkdir(parents=True, exist_ok=True)
+    (run / "logs" / f"stage3_{row}_{engine}.log").write_text(progress_log(20.0, rate, tokens))
+    (run / "traces" / f"stage3_{row}_{engine}.yaml").write_text(f"stats:\n  generated_tokens: {tokens}\n")
+
+
+def test_stage3_ratios_are_the_engines_decode_rate_over_the_reference_loops_per_row(tmp_path):
+    assert project_grid.stage3_ratios(tmp_path) is None
+    write_stage3(tmp_path, "ads", "auto", 9000.0)
+    write_stage3(tmp_path, "ads", "reference", 1000.0)
+    assert project_grid.stage3_ratios(tmp_path) == {"ads": pytest.approx(9.0, rel=0.03), "plain": 1.0}
+    write_stage3(tmp_path, "temperature", "auto", 20_000.0)
+    write_stage3(tmp_path, "temperature", "reference", 8000.0)
+    assert project_grid.stage3_ratios(tmp_path) == {"ads": pytest.approx(9.0, rel=0.03),
+                                                    "plain": pytest.approx(2.5, rel=0.03)}
