@@ -8,7 +8,7 @@ static file (no server, nothing fetched); a script marks <body data-status="ok" 
 has checked the page and records any error in data-errors, so a headless browser's DOM shows both.
 report.py writes the page too; this CLI rewrites it alone, and --screenshot renders it with Chromium.
 
-    python viewer.py --exp-dir exp/synth --screenshot exp/synth/traces.png
+    python viewer.py --exp-dir exp/synth --screenshot exp/synth/traces.png --width 2400
 """
 import html
 import json
@@ -18,6 +18,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 import utils
 from utils import die
@@ -181,6 +184,8 @@ class ViewerSettings(utils.Settings):
     """viewer.py's flags with their types: the registry is read from exp_dir, the page written there."""
     exp_dir: utils.InputDir
     screenshot: str | None
+    width: Annotated[int, Field(ge=200, le=8000)]
+    height: Annotated[int, Field(ge=200, le=8000)]
 
     def problems(self, context):
         paths = [Path(self.exp_dir) / "traces.html"] + ([Path(self.screenshot)] if self.screenshot else [])
@@ -191,6 +196,9 @@ def main(argv=None) -> None:
     parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exp-dir", required=True, help="experiment directory holding metadata/ and traces/")
     parser.add_argument("--screenshot", help="also write a PNG of the page rendered by headless Chromium")
+    parser.add_argument("--width", type=int, default=1400, help="the screenshot's width in pixels "
+                        "(a panel is 360 wide: 2,400 shows six rows side by side)")
+    parser.add_argument("--height", type=int, default=1000, help="the screenshot's height in pixels")
     args = utils.check_settings(ViewerSettings, vars(parser.parse_args(argv)))
     exp_dir = Path(args.exp_dir)
     n = write_traces_html(utils.load_registry(exp_dir / "metadata" / "trace_registry.jsonl"), exp_dir,
@@ -198,7 +206,7 @@ def main(argv=None) -> None:
     print(f"viewer.py: {n} traces -> {exp_dir}/traces.html")
     if args.screenshot:
         try:
-            screenshot(exp_dir / "traces.html", Path(args.screenshot))
+            screenshot(exp_dir / "traces.html", Path(args.screenshot), args.width, args.height)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             die(f"screenshot: {e}")
         print(f"viewer.py: screenshot -> {args.screenshot}")

@@ -142,3 +142,16 @@ def test_chromium_shows_a_broken_page_as_an_error(exp_dir, chromium):
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert 'data-status="error"' in body and 'data-errors="1"' in body, body
     assert f"{EXPECTED - 1} panels, expected {EXPECTED}" in dom
+
+
+def test_cli_screenshot_takes_the_asked_size(exp_dir, chromium, tmp_path, capsys):
+    png = tmp_path / "wide.png"
+    viewer.main(["--exp-dir", str(exp_dir), "--screenshot", str(png), "--width", "2400", "--height", "700"])
+    data = png.read_bytes()
+    assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (2400, 700)
+
+
+@pytest.mark.parametrize("flag,value", [("--width", "0"), ("--height", "-5"), ("--width", "90000")])
+def test_cli_refuses_a_screenshot_size_out_of_range(exp_dir, flag, value):
+    with pytest.raises(utils.ConfigError, match=f"^error: {flag[2:]} must be"):
+        viewer.main(["--exp-dir", str(exp_dir), flag, value])
