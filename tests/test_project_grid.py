@@ -93,3 +93,17 @@ def test_stage3_ratios_are_the_engines_decode_rate_over_the_reference_loops_per_
     write_stage3(tmp_path, "temperature", "reference", 8000.0)
     assert project_grid.stage3_ratios(tmp_path) == {"ads": pytest.approx(9.0, rel=0.03),
                                                     "plain": pytest.approx(2.5, rel=0.03)}
+
+
+def test_the_committed_stage3_run_gives_the_projections_same_run_ratios(tmp_path):
+    """results/shapes/run_1c9c5f9: both rows' stage 3 through the engine and the reference loop; the
+    projection of the full run with those ratios is the committed one."""
+    stage3 = REPO / "results" / "shapes" / "run_1c9c5f9"
+    ratios = project_grid.stage3_ratios(stage3)
+    assert ratios["ads"] > ratios["plain"] > 1.0
+    out = tmp_path / "projection.md"
+    project_grid.main(["--run", str(RUN), "--stage3", str(stage3), "--out", str(out),
+                       "--bench", *sorted(str(p) for p in (REPO / "bench" / "results").glob("h200_engine_vs_reference_b192_*.json"))])
+    assert out.read_text().replace(str(REPO) + "/", "") == (stage3 / "projection.md").read_text()
+    assert f"| `{stage3}: stage 3, engine vs reference loop` | {ratios['ads']:.2f}x | {ratios['plain']:.2f}x" \
+        in out.read_text()
