@@ -100,3 +100,25 @@ def test_the_protocol_analysis_runs_on_the_run_and_on_what_collect_keeps(synth_r
                            capture_output=True, text=True, cwd=REPO, check=True).stdout
     strip = lambda text: text.split("\n", 1)[1]  # the first line names the experiment folder
     assert strip(again) == strip(out)
+
+
+def test_the_trace_page_script_samples_every_row_of_the_runs_grid_with_token_details(synth_run, tmp_path):
+    """results/synth/traces_page.sh on the run's assets (so no rebuild): every row of the committed synth
+    grid sampled on the first problems, each trace with its token details, and the viewer's page."""
+    import json
+
+    import pandas as pd
+    exp, _ = synth_run
+    page = tmp_path / "page"
+    page.mkdir()
+    (page / "assets").symlink_to(exp / "assets")
+    env = {**os.environ, "EXP_DIR": str(page), "ASSETS_PROFILE": "synth_tiny", "PROBLEMS": "2",
+           "HOLDOUT_MAX_SAMPLES": "16", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(["bash", str(REPO / "results" / "synth" / "traces_page.sh")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-4000:]
+    names = [row_name(fields) for fields in rows_of(REPO / "results" / "synth" / "grid.txt")]
+    for name in names:
+        rows = pd.read_parquet(page / "traces" / f"{name}.parquet")
+        assert len(rows) == 2 and all(json.loads(t) for t in rows["tokens"]), name
+    assert (page / "traces.html").read_text().count('class="panel"') == 2 * len(names)
