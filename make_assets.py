@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import string
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -781,9 +782,25 @@ def build(out, seed, profile):
     return manifest
 
 
+def built_otherwise(out, profile, seed):
+    """How the complete asset folder out was built, when its manifest records another profile or seed
+    than these (a rerun must not take tiny assets for synth ones); None when they match or it has no
+    manifest."""
+    path = os.path.join(out, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        built = json.load(f)
+    if (built.get("profile"), built.get("seed")) == (json.loads(json.dumps(PROFILES[profile])), seed):
+        return None
+    names = [name for name, p in PROFILES.items() if json.loads(json.dumps(p)) == built.get("profile")]
+    return f"with profile {names[0] if names else '(one this version does not define)'} and seed {built.get('seed')}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="output folder (built atomically; skipped if complete)")
+    parser.add_argument("--out", required=True, help="output folder (built atomically; skipped if complete with this profile and seed, "
+                        "refused if complete with others)")
     parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES),
                         help="task and model sizes (default tiny; synth_tiny: the synth recipe at tiny sizes)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, tokenizers and models (default 0)")
@@ -791,6 +808,11 @@ def main():
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     if os.path.exists(os.path.join(out, ".complete")) and not args.force:
+        other = built_otherwise(out, args.profile, args.seed)
+        if other:
+            print(f"error: {out} holds assets built {other}, not with profile {args.profile} and seed {args.seed}; "
+                  "pass --force to rebuild them, or another --out", file=sys.stderr)
+            sys.exit(2)
         print(f"{out} is already built; pass --force to rebuild")
         return
     setup_torch()

@@ -233,3 +233,31 @@ def test_a_tokenizer_relaid_to_a_real_layout_keeps_its_text_and_puts_specials_at
     assert wide("x", add_special_tokens=True).input_ids[0] == 5003
     filler = wide.decode([4000, 4001, 4002])
     assert filler.isalpha() and len(wide(filler, add_special_tokens=False).input_ids) <= 4
+
+
+def built_folder(tmp_path, profile, seed):
+    out = tmp_path / "assets"
+    out.mkdir()
+    (out / ".complete").write_text("")
+    (out / "manifest.json").write_text(json.dumps({"seed": seed, "profile": make_assets.PROFILES[profile]}))
+    return out
+
+
+@pytest.mark.parametrize("args,other", [(["--profile", "synth_tiny"], "profile tiny and seed 0"),
+                                         (["--seed", "3"], "profile tiny and seed 0")])
+def test_a_folder_built_with_another_profile_or_seed_is_refused_in_one_line(tmp_path, args, other):
+    out = built_folder(tmp_path, "tiny", 0)
+    res = subprocess.run([sys.executable, os.path.join(REPO, "make_assets.py"), "--out", str(out), *args],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.startswith(f"error: {out} holds assets built with {other}") and "--force" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".complete", "manifest.json"]  # nothing rebuilt
+
+
+def test_a_folder_built_as_asked_is_kept(tmp_path):
+    out = built_folder(tmp_path, "synth_tiny", 0)
+    assert make_assets.built_otherwise(str(out), "synth_tiny", 0) is None
+    assert make_assets.built_otherwise(str(out), "tiny", 0) == "with profile synth_tiny and seed 0"
+    res = subprocess.run([sys.executable, os.path.join(REPO, "make_assets.py"), "--out", str(out),
+                          "--profile", "synth_tiny"], capture_output=True, text=True)
+    assert res.returncode == 0 and "is already built" in res.stdout, res.stderr
