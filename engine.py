@@ -27,8 +27,8 @@ import torch
 from transformers import AttentionInterface
 
 from engine_kernels import (ATTENTION_CONFIGS, HAVE_TRITON, MASS_CONFIGS, PREFILL_BACKENDS, ROW_PIECE, SEARCH_WAYS,
-                     attention_key, decode_attention, decode_attention_triton, inverse_cdf, mass_above, mass_key,
-                     nucleus_probs, prefill_attention, sample_tokens, triton_head_dim, tune)
+                     attention_key, decode_attention, decode_attention_triton, gpu_ms, inverse_cdf, mass_above,
+                     mass_key, nucleus_probs, prefill_attention, sample_tokens, triton_head_dim, tune)
 from sampling import ads_score, check_eps, fd_delta, permute_vocab, row_uniforms
 from stack import Prefill, Stack, decode_block, fusion_gap
 
@@ -50,6 +50,7 @@ class EngineOptions:
     prefill_backends: tuple = PREFILL_BACKENDS  # SDPA kernels for prefill attention, in order of preference
     row_piece: int = ROW_PIECE             # width of the pieces of the sampler's row reductions and inverse CDF
     inverse_cdf: Callable = inverse_cdf    # the sampler's last step, (probs, u, piece) -> tokens
+    tune_timer: Callable = gpu_ms          # how kernel layouts are timed when tuned (launch_ms: the old eager timing)
     timings: dict = None                   # if a dict: receives capture_s (re-lay, tuning, compile, capture),
     #                                        compiled, prefill_s, decode_s and steps (device syncs around prefill)
 
@@ -268,11 +269,11 @@ class Engine:
             k, v = (torch.randn(rows, cfg.num_key_value_heads, self.max_len, dim, **like) for _ in range(2))
             lengths = torch.full((rows,), self.max_len, device=self.device)
             tune(attention_key(q, k), ATTENTION_CONFIGS,
-                 lambda c: decode_attention_triton(q, k, v, lengths, dim ** -0.5, c))
+                 lambda c: decode_attention_triton(q, k, v, lengths, dim ** -0.5, c), self.options.tune_timer)
         if not self.params.greedy and self.params.top_p < 1.0:
             probs = torch.softmax(3 * torch.randn(self.slots, self.vocab, device=self.device), -1)
             cand = probs.view(torch.int32)[:, :SEARCH_WAYS].sort(-1).values
-            tune(mass_key(probs), MASS_CONFIGS, lambda c: mass_above(probs, cand, c))
+            tune(mass_key(probs), MASS_CONFIGS, lambda c: mass_above(probs, cand, c), self.options.tune_timer)
 
     def capture(self):
         """Record step() as one CUDA graph.  The warm-up runs compile the kernels on a side stream

@@ -34,7 +34,8 @@ parser.add_argument("--stages", default="check,engine,reference,unfused", help="
                     "wholerows (row_piece as wide as the vocabulary: the sampler's row reductions one program per row, "
                     "as before row pieces, and since engine_kernels.inverse_cdf its scan over the whole row too), "
                     "wholescan (the sampler's inverse CDF one scan per row, as before engine_kernels.inverse_cdf), "
-                    "hfprefill (prefill through the HF modules, as before the Stack's prefill), longtail")
+                    "hfprefill (prefill through the HF modules, as before the Stack's prefill), launchtuned (kernel layouts "
+                    "chosen by eager timing, as before graph timing), longtail")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
 parser.add_argument("--new", type=int, default=512, help="generated tokens per row (EOS ignored)")
@@ -335,6 +336,8 @@ def main():
             variants += [("wholerows", dict(row_piece=VOCAB))] if "wholerows" in stages and b == 192 else []
             variants += [("wholescan", dict(inverse_cdf=scan_whole_rows))] if "wholescan" in stages and b == 192 else []
             variants += [("hfprefill", dict(fused_prefill=False))] if "hfprefill" in stages and b == 192 else []
+            # kernel layouts chosen by eager timing (host launches included), as before graph timing
+            variants += [("launchtuned", dict(tune_timer=engine_kernels.launch_ms))] if "launchtuned" in stages else []
             mine = {}
             for name, kw in variants:
                 r = time_engine(models, params, b, **kw)

@@ -385,16 +385,24 @@ def test_tuning_keeps_the_fastest_layout_whose_output_matches_the_default():
         fn()
         return cost[ran[-1]]
 
+    def launches(fn):  # another timer, under which the wrong-free fastest is "slower"
+        fn()
+        return {"slower": 0.2}.get(ran[-1], cost[ran[-1]])
+
     key = ("test-layouts", 6)
     engine_kernels.TUNED.pop(key, None)
     try:
         engine_kernels.tune(key, list(cost), run, timer)
         assert engine_kernels.TUNED[key] == "fast"
         ran.clear()
-        engine_kernels.tune(key, list(cost), run, timer)  # tuned once per process
+        engine_kernels.tune(key, list(cost), run, timer)  # tuned once per process and timer
         assert ran == []
+        engine_kernels.tune(key, list(cost), run, launches)  # another timer tunes again
+        assert engine_kernels.TUNED[key] == "slower" and engine_kernels.TUNED_BY[key] == "launches"
+        assert engine_kernels.TUNING_LOG[-1]["timer"] == "launches"
     finally:
         engine_kernels.TUNED.pop(key, None)
+        engine_kernels.TUNED_BY.pop(key, None)
 
 
 KERNEL_CHECK = """
@@ -439,3 +447,16 @@ def test_triton_kernels_match_torch_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_tuning_falls_back_to_the_first_layout_when_no_layout_can_be_timed():
+    def timer(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    key = ("test-untimed", 3)
+    try:
+        engine_kernels.tune(key, ["first", "second"], lambda layout: torch.zeros(3), timer)
+        assert engine_kernels.TUNED[key] == "first" and engine_kernels.TUNING_LOG[-1]["ms"] == {}
+    finally:
+        engine_kernels.TUNED.pop(key, None)
+        engine_kernels.TUNED_BY.pop(key, None)
