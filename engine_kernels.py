@@ -45,8 +45,8 @@ TUNE_REPS = 10
 def gpu_ms(fn, reps=TUNE_REPS):
     """Mean GPU milliseconds of fn(), timed as the decode step runs it: reps calls recorded in one CUDA
     graph, replayed.  Timed eagerly instead (launch_ms), a kernel shorter than its launch from Python
-    is measured by the launches: every decode attention layout then timed about the same (0.09-0.16 ms
-    for kernels of 0.03-0.06 ms), and the fastest was chosen by noise."""
+    is measured by the launches: every decode attention layout then timed about the same (0.09-0.18 ms
+    for layouts that take 0.05-0.11 ms in a graph), and the fastest was chosen by noise."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

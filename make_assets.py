@@ -799,8 +799,8 @@ def built_otherwise(out, profile, seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="output folder (built atomically; skipped if complete with this profile and seed, "
-                        "refused if complete with others)")
+    parser.add_argument("--out", required=True, help="output folder (built atomically; skipped if complete with this "
+                        "profile and seed, refused if complete with others)")
     parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES),
                         help="task and model sizes (default tiny; synth_tiny: the synth recipe at tiny sizes)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, tokenizers and models (default 0)")
