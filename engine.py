@@ -42,6 +42,8 @@ class EngineOptions:
     other fields are the benchmark's switches (bench/bench_decode.py), for before/after runs in one
     process, and keep their defaults everywhere else."""
     compile_layers: bool = True            # on GPU, blocks, score and filter through torch.compile (off: eager kernels)
+    gemm_autotune: bool = False            # compiled blocks' matmuls picked by Inductor's max-autotune (Triton
+    #                                        templates timed against cuBLAS per shape; a longer compile)
     check_every: int = None                # decode steps between host checks; None: 16 on GPU, 1 on CPU
     refill: bool = True                    # refill a finished row's slot at once (off: whole static batches)
     fused: bool = True                     # decode Llama/Qwen2-form models through stack.Stack (off: HF modules)
@@ -255,7 +257,7 @@ class Engine:
 
     def tune(self):
         """Pick the decode attention and top-p search layouts for this engine's shapes (TUNED),
-        timed on random data of those shapes at full cache length."""
+        timed on random data of those shapes."""
         if not HAVE_TRITON or self.device.type != "cuda" or self.vocab < TUNE_MIN_VOCAB:
             return
         for nets, stack in self.groups:
@@ -267,7 +269,8 @@ class Engine:
             like = dict(dtype=nets[0].get_output_embeddings().weight.dtype, device=self.device)
             q = torch.randn(rows, cfg.num_attention_heads, dim, **like)
             k, v = (torch.randn(rows, cfg.num_key_value_heads, self.max_len, dim, **like) for _ in range(2))
-            lengths = torch.full((rows,), self.max_len, device=self.device)
+            # every filled length from 1 to the cache's size: a decode's rows pass through them all
+            lengths = torch.linspace(1, self.max_len, rows, device=self.device).long()
             tune(attention_key(q, k), ATTENTION_CONFIGS,
                  lambda c: decode_attention_triton(q, k, v, lengths, dim ** -0.5, c), self.options.tune_timer)
         if not self.params.greedy and self.params.top_p < 1.0:
@@ -306,13 +309,14 @@ class Engine:
 
     def compile_parts(self, hf_blocks, blocks, score):
         """Route the decode step through compiled (True) or eager (False) blocks and score/filter."""
+        mode = "max-autotune-no-cudagraphs" if self.options.gemm_autotune else None  # the step is one graph already
         for b in hf_blocks:
             b.__dict__.pop("forward", None)
             if blocks:
-                b.forward = torch.compile(b.forward, dynamic=False)
+                b.forward = torch.compile(b.forward, dynamic=False, mode=mode)
         for _, stack in self.groups:
             if stack is not None:
-                stack.block = torch.compile(decode_block, dynamic=False) if blocks else decode_block
+                stack.block = torch.compile(decode_block, dynamic=False, mode=mode) if blocks else decode_block
         self.scores_fn = torch.compile(self.scores_of, dynamic=False) if score else self.scores_of
         self.nucleus_fn = torch.compile(nucleus_probs, dynamic=False) if score else nucleus_probs
 

@@ -136,7 +136,7 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, scale):
 # (keys per program, keys per inner iteration, warps, pipeline stages) of the split-K decode kernel
 ATTENTION_DEFAULT = (128, 64, 4, 3)
 ATTENTION_CONFIGS = [ATTENTION_DEFAULT, (64, 64, 4, 3), (256, 64, 4, 3), (256, 128, 8, 3), (128, 32, 4, 3),
-                     (128, 128, 8, 2), (512, 64, 4, 3), (256, 64, 8, 4)]
+                     (128, 128, 8, 2), (512, 64, 4, 3), (256, 64, 8, 4), (32, 32, 4, 2)]
 
 
 def attention_key(q, k_cache):
@@ -155,8 +155,9 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
     padded = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
     split, block, warps, stages = config or TUNED.get(attention_key(q, k_cache), ATTENTION_DEFAULT)
     splits = triton.cdiv(max_len, split)
-    acc = torch.empty((n, kv_heads, splits, padded, dim), dtype=torch.float32, device=q.device)
-    top = torch.empty((n, kv_heads, splits, padded), dtype=torch.float32, device=q.device)
+    # partial results of the real query heads only (7 of the 16 rows a 7-head group is padded to)
+    acc = torch.empty((n, kv_heads, splits, group, dim), dtype=torch.float32, device=q.device)
+    top = torch.empty((n, kv_heads, splits, group), dtype=torch.float32, device=q.device)
     total = torch.empty_like(top)
     _split_decode_attention[(n, kv_heads, splits)](
         q, k_cache, v_cache, lengths, acc, top, total,
@@ -165,8 +166,8 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
         GROUP=group, PADDED=padded, DIM=dim, BLOCK_N=block, SPLIT=split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     out = torch.empty_like(q)
-    _merge_splits[(n, kv_heads)](acc, top, total, out, out.stride(0), out.stride(1),
-                                 SPLITS=splits, GROUP=group, PADDED=padded, DIM=dim)
+    _merge_splits[(n, kv_heads)](acc, top, total, lengths, out, out.stride(0), out.stride(1),
+                                 SPLITS=splits, SPLIT=split, GROUP=group, PADDED=padded, DIM=dim)
     return out
 
 
@@ -187,46 +188,51 @@ if triton is not None:
         acc = tl.zeros([PADDED, DIM], tl.float32)
         k_row = K + b.to(tl.int64) * skb + h * skh
         v_row = V + b.to(tl.int64) * svb + h * svh
-        # constant trip count with masked loads: keys past a row's length cost no memory traffic
-        for n0 in range(0, SPLIT, BLOCK_N):
-            n = start + n0 + tl.arange(0, BLOCK_N)
+        # the loop stops at the row's length: a split past it reads and computes nothing (the cache is
+        # sized for the longest row, so most of it is empty for most of a decode)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
             live = n < end
             k = tl.load(k_row + n[:, None] * skn + d[None, :], mask=live[:, None], other=0.0)
             v = tl.load(v_row + n[:, None] * svn + d[None, :], mask=live[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             qk = tl.where(live[None, :], qk, float("-inf"))
             m_new = tl.maximum(m, tl.max(qk, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no live key adds nothing
-            p = tl.exp(qk - m_ref[:, None])
-            alpha = tl.exp(m - m_ref)
+            p = tl.exp(qk - m_new[:, None])
+            alpha = tl.exp(m - m_new)
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         o = (b * tl.num_programs(1) + h) * tl.num_programs(2) + s
-        tl.store(Acc + (o * PADDED + g)[:, None] * DIM + d[None, :], acc)
-        tl.store(Top + o * PADDED + g, m)
-        tl.store(Total + o * PADDED + g, l)
+        real = g < GROUP
+        tl.store(Acc + (o * GROUP + g)[:, None] * DIM + d[None, :], acc, mask=real[:, None])
+        tl.store(Top + o * GROUP + g, m, mask=real)
+        tl.store(Total + o * GROUP + g, l, mask=real)
 
     @triton.jit
-    def _merge_splits(Acc, Top, Total, Out, sob, soh,
-                      SPLITS: tl.constexpr, GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr):
-        """Combine the partial softmaxes of the key splits (splits past a row's length hold -inf)."""
+    def _merge_splits(Acc, Top, Total, Lens, Out, sob, soh, SPLITS: tl.constexpr, SPLIT: tl.constexpr,
+                      GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr):
+        """Combine the partial softmaxes of the key splits that hold a key of the row (a split past
+        the row's length wrote -inf and zeros, and is not read)."""
         b, h = tl.program_id(0), tl.program_id(1)
+        used = tl.cdiv(tl.load(Lens + b).to(tl.int32), SPLIT)
         first = (b * tl.num_programs(1) + h) * SPLITS
         g = tl.arange(0, PADDED)
         d = tl.arange(0, DIM)
+        real = g < GROUP
         top = tl.full([PADDED], float("-inf"), tl.float32)
-        for s in tl.static_range(SPLITS):
-            top = tl.maximum(top, tl.load(Top + (first + s) * PADDED + g))
+        for s in range(0, used):
+            top = tl.maximum(top, tl.load(Top + (first + s) * GROUP + g, mask=real, other=0.0))
         total = tl.zeros([PADDED], tl.float32)
         acc = tl.zeros([PADDED, DIM], tl.float32)
-        for s in tl.static_range(SPLITS):
-            w = tl.exp(tl.load(Top + (first + s) * PADDED + g) - top)
-            total += w * tl.load(Total + (first + s) * PADDED + g)
-            acc += w[:, None] * tl.load(Acc + ((first + s) * PADDED + g)[:, None] * DIM + d[None, :])
+        for s in range(0, used):
+            w = tl.exp(tl.load(Top + (first + s) * GROUP + g, mask=real, other=0.0) - top)
+            total += w * tl.load(Total + (first + s) * GROUP + g, mask=real, other=1.0)
+            acc += w[:, None] * tl.load(Acc + ((first + s) * GROUP + g)[:, None] * DIM + d[None, :],
+                                        mask=real[:, None], other=0.0)
         out = acc / total[:, None]
         tl.store(Out + b * sob + (h * GROUP + g)[:, None] * soh + d[None, :], out.to(Out.dtype.element_ty),
-                 mask=(g < GROUP)[:, None])
+                 mask=real[:, None])
 
 
 # a block's elementwise work
@@ -373,8 +379,8 @@ def mass_key(probs):
 
 
 def mass_above(probs, cand, config=None):
-    """(B, W) sums of the probabilities whose float32 bit pattern exceeds each candidate.
-    config: one of MASS_CONFIGS; default: the tuned one."""
+    """(B, W) sums of the probabilities whose float32 bit pattern exceeds each candidate; cand (B, W)
+    ascending along each row.  config: one of MASS_CONFIGS; default: the tuned one."""
     if probs.is_cuda and triton is not None:
         chunk, sub, warps, column = config or TUNED.get(mass_key(probs), MASS_DEFAULT)
         chunks = triton.cdiv(probs.shape[1], chunk)
@@ -391,13 +397,19 @@ if triton is not None:
     @triton.jit
     def _mass_above(P, Cand, Out, vocab, stride, WAYS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
                     COLUMN: tl.constexpr = False):
-        """Out[row, chunk, j] = sum of P[row, i] over this chunk's i with bits(P) > Cand[row, j].
+        """Out[row, chunk, j] = sum of P[row, i] over this chunk's i with bits(P) > Cand[row, j], the
+        candidates ascending.  An entry above the last candidate counts for all of them and one at or
+        below the first for none, so a sub-block with no entry between the two skips the W-way test:
+        after the search's first passes the bracket is narrow and almost every sub-block does.
         COLUMN loads each sub-block as a (SUB, 1) column, so the broadcast against the candidates
         needs no change of register layout (which of the two is faster depends on the GPU)."""
         row, chunk = tl.program_id(0), tl.program_id(1)
         cand = tl.load(Cand + row * WAYS + tl.arange(0, WAYS))[None, :]
+        lowest = tl.load(Cand + row * WAYS)
+        highest = tl.load(Cand + row * WAYS + WAYS - 1)
         # reduce across threads once at the end, not per sub-block
         sums = tl.zeros([SUB, WAYS], tl.float32)
+        above = tl.zeros([SUB, 1], tl.float32)
         for i in tl.static_range(0, CHUNK, SUB):
             if COLUMN:
                 idx = chunk * CHUNK + i + tl.arange(0, SUB)[:, None]
@@ -405,8 +417,12 @@ if triton is not None:
             else:
                 idx = chunk * CHUNK + i + tl.arange(0, SUB)
                 p = tl.load(P + row.to(tl.int64) * stride + idx, mask=idx < vocab, other=0.0)[:, None]
-            sums += tl.where(p.to(tl.int32, bitcast=True) > cand, p, 0.0)
-        tl.store(Out + (row * tl.num_programs(1) + chunk) * WAYS + tl.arange(0, WAYS), tl.sum(sums, 0))
+            bits = p.to(tl.int32, bitcast=True)
+            above += tl.where(bits > highest, p, 0.0)
+            between = (bits > lowest) & (bits <= highest)
+            if tl.max(between.to(tl.int32)) > 0:
+                sums += tl.where(bits > cand, tl.where(between, p, 0.0), 0.0)
+        tl.store(Out + (row * tl.num_programs(1) + chunk) * WAYS + tl.arange(0, WAYS), tl.sum(sums, 0) + tl.sum(above))
 
 
 def pieces(x, fill, piece=ROW_PIECE):

@@ -35,7 +35,8 @@ parser.add_argument("--stages", default="check,engine,reference,unfused", help="
                     "as before row pieces, and since engine_kernels.inverse_cdf its scan over the whole row too), "
                     "wholescan (the sampler's inverse CDF one scan per row, as before engine_kernels.inverse_cdf), "
                     "hfprefill (prefill through the HF modules, as before the Stack's prefill), launchtuned (kernel layouts "
-                    "chosen by eager timing, as before graph timing), longtail")
+                    "chosen by eager timing, as before graph timing), gemmtuned (the blocks' matmuls through Inductor's max-autotune), "
+                    "longtail")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
 parser.add_argument("--new", type=int, default=512, help="generated tokens per row (EOS ignored)")
@@ -177,8 +178,13 @@ def time_engine(models, params, batch, prompts=None, budgets=None, **options):
     torch.cuda.reset_peak_memory_stats()
     timings = {}
     opts = EngineOptions(timings=timings, **options)
+    fresh = options.get("gemm_autotune", False)  # compiled with other settings: dynamo must not reuse the blocks
+    if fresh:
+        torch._dynamo.reset()
     start = time.perf_counter()
     tokens, _ = engine.generate(models, prompts, list(range(len(prompts))), budgets, params, batch, options=opts)
+    if fresh:
+        torch._dynamo.reset()
     wall = time.perf_counter() - start - timings["capture_s"]
     n = sum(len(t) for t in tokens)
     changed = {k: getattr(v, "__name__", v) for k, v in options.items()}  # the variant's options, as written
@@ -338,6 +344,7 @@ def main():
             variants += [("hfprefill", dict(fused_prefill=False))] if "hfprefill" in stages and b == 192 else []
             # kernel layouts chosen by eager timing (host launches included), as before graph timing
             variants += [("launchtuned", dict(tune_timer=engine_kernels.launch_ms))] if "launchtuned" in stages else []
+            variants += [("gemmtuned", dict(gemm_autotune=True))] if "gemmtuned" in stages else []
             mine = {}
             for name, kw in variants:
                 r = time_engine(models, params, b, **kw)

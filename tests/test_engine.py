@@ -408,21 +408,28 @@ def test_tuning_keeps_the_fastest_layout_whose_output_matches_the_default():
 KERNEL_CHECK = """
 import torch, engine_kernels
 torch.manual_seed(0)
-q, kc, vc = torch.randn(3, 6, 32), torch.randn(3, 2, 300, 32), torch.randn(3, 2, 300, 32)
-lengths = torch.tensor([1, 130, 300])
-b = engine_kernels.decode_attention_torch(q, kc, vc, lengths, 0.17)
-for config in engine_kernels.ATTENTION_CONFIGS:
-    a = engine_kernels.decode_attention_triton(q, kc, vc, lengths, 0.17, config)
-    assert ((a - b).norm() / b.norm()) < 1e-5, config
+# lengths at 1, on split boundaries (32 .. 512 keys a program) and past them; groups of 3 and 7 heads
+for heads, lengths in ((6, [1, 130, 300]), (14, [64, 128, 257, 300, 33])):
+    q = torch.randn(len(lengths), heads, 32)
+    kc, vc = torch.randn(len(lengths), 2, 300, 32), torch.randn(len(lengths), 2, 300, 32)
+    lengths = torch.tensor(lengths)
+    b = engine_kernels.decode_attention_torch(q, kc, vc, lengths, 0.17)
+    for config in engine_kernels.ATTENTION_CONFIGS:
+        a = engine_kernels.decode_attention_triton(q, kc, vc, lengths, 0.17, config)
+        assert ((a - b).norm() / b.norm()) < 1e-5, (heads, config)
 probs = torch.softmax(torch.randn(4, 9000) * 3, -1)
-cand = probs.view(torch.int32)[:, :16].sort(-1).values.contiguous()
 bits = probs.view(torch.int32)
-want = torch.stack([torch.where(bits > c[:, None], probs, 0.).sum(-1) for c in cand.unbind(-1)], -1)
-for chunk, sub, _, column in engine_kernels.MASS_CONFIGS:
-    n = -(-9000 // chunk)
-    part = torch.empty(4, n, 16)
-    engine_kernels._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
-    assert torch.allclose(part.sum(1), want, atol=1e-5), (chunk, sub, column)
+middle = bits.median(-1, keepdim=True).values
+# candidates spread over the row, in a bracket so narrow that most sub-blocks hold no entry inside
+# it (the search's later passes), and all equal (a bracket closed on one value)
+for cand in (bits[:, :16].sort(-1).values, middle + 7 * torch.arange(16, dtype=torch.int32), middle.repeat(1, 16)):
+    cand = cand.contiguous()
+    want = torch.stack([torch.where(bits > c[:, None], probs, 0.).sum(-1) for c in cand.unbind(-1)], -1)
+    for chunk, sub, _, column in engine_kernels.MASS_CONFIGS:
+        n = -(-9000 // chunk)
+        part = torch.empty(4, n, 16)
+        engine_kernels._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
+        assert torch.allclose(part.sum(1), want, atol=1e-5), (chunk, sub, column)
 # the prefill's elementwise kernels against the torch ops they replace (float32: the interpreter
 # truncates float32 -> bfloat16 where the GPU rounds to nearest, so bfloat16 is checked on the GPU)
 x, y, w = torch.randn(2, 5, 48), torch.randn(2, 5, 48), torch.randn(2, 48)
