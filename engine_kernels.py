@@ -136,7 +136,8 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, scale):
 # (keys per program, keys per inner iteration, warps, pipeline stages) of the split-K decode kernel
 ATTENTION_DEFAULT = (128, 64, 4, 3)
 ATTENTION_CONFIGS = [ATTENTION_DEFAULT, (64, 64, 4, 3), (256, 64, 4, 3), (256, 128, 8, 3), (128, 32, 4, 3),
-                     (128, 128, 8, 2), (512, 64, 4, 3), (256, 64, 8, 4), (32, 32, 4, 2)]
+                     (128, 128, 8, 2), (512, 64, 4, 3), (256, 64, 8, 4), (32, 32, 4, 2), (1024, 64, 4, 3),
+                     (512, 64, 8, 3), (512, 128, 8, 3)]
 
 
 def attention_key(q, k_cache):
@@ -379,8 +380,8 @@ def mass_key(probs):
 
 
 def mass_above(probs, cand, config=None):
-    """(B, W) sums of the probabilities whose float32 bit pattern exceeds each candidate; cand (B, W)
-    ascending along each row.  config: one of MASS_CONFIGS; default: the tuned one."""
+    """(B, W) sums of the probabilities whose float32 bit pattern exceeds each candidate.
+    config: one of MASS_CONFIGS; default: the tuned one."""
     if probs.is_cuda and triton is not None:
         chunk, sub, warps, column = config or TUNED.get(mass_key(probs), MASS_DEFAULT)
         chunks = triton.cdiv(probs.shape[1], chunk)
@@ -397,19 +398,13 @@ if triton is not None:
     @triton.jit
     def _mass_above(P, Cand, Out, vocab, stride, WAYS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
                     COLUMN: tl.constexpr = False):
-        """Out[row, chunk, j] = sum of P[row, i] over this chunk's i with bits(P) > Cand[row, j], the
-        candidates ascending.  An entry above the last candidate counts for all of them and one at or
-        below the first for none, so a sub-block with no entry between the two skips the W-way test:
-        after the search's first passes the bracket is narrow and almost every sub-block does.
+        """Out[row, chunk, j] = sum of P[row, i] over this chunk's i with bits(P) > Cand[row, j].
         COLUMN loads each sub-block as a (SUB, 1) column, so the broadcast against the candidates
         needs no change of register layout (which of the two is faster depends on the GPU)."""
         row, chunk = tl.program_id(0), tl.program_id(1)
         cand = tl.load(Cand + row * WAYS + tl.arange(0, WAYS))[None, :]
-        lowest = tl.load(Cand + row * WAYS)
-        highest = tl.load(Cand + row * WAYS + WAYS - 1)
         # reduce across threads once at the end, not per sub-block
         sums = tl.zeros([SUB, WAYS], tl.float32)
-        above = tl.zeros([SUB, 1], tl.float32)
         for i in tl.static_range(0, CHUNK, SUB):
             if COLUMN:
                 idx = chunk * CHUNK + i + tl.arange(0, SUB)[:, None]
@@ -417,12 +412,8 @@ if triton is not None:
             else:
                 idx = chunk * CHUNK + i + tl.arange(0, SUB)
                 p = tl.load(P + row.to(tl.int64) * stride + idx, mask=idx < vocab, other=0.0)[:, None]
-            bits = p.to(tl.int32, bitcast=True)
-            above += tl.where(bits > highest, p, 0.0)
-            between = (bits > lowest) & (bits <= highest)
-            if tl.max(between.to(tl.int32)) > 0:
-                sums += tl.where(bits > cand, tl.where(between, p, 0.0), 0.0)
-        tl.store(Out + (row * tl.num_programs(1) + chunk) * WAYS + tl.arange(0, WAYS), tl.sum(sums, 0) + tl.sum(above))
+            sums += tl.where(p.to(tl.int32, bitcast=True) > cand, p, 0.0)
+        tl.store(Out + (row * tl.num_programs(1) + chunk) * WAYS + tl.arange(0, WAYS), tl.sum(sums, 0))
 
 
 def pieces(x, fill, piece=ROW_PIECE):
