@@ -27,8 +27,9 @@ import torch
 from transformers import AttentionInterface
 
 from engine_kernels import (ATTENTION_CONFIGS, HAVE_TRITON, MASS_CONFIGS, PREFILL_BACKENDS, ROW_PIECE, SEARCH_WAYS,
-                     attention_key, decode_attention, decode_attention_triton, gpu_ms, inverse_cdf, mass_above,
-                     mass_key, nucleus_probs, prefill_attention, sample_tokens, triton_head_dim, tune)
+                            attention_key, decode_attention, decode_attention_triton, gpu_ms, inverse_cdf, mass_above,
+                            mass_key, nucleus_probs, prefill_attention, sample_tokens, softmax_rows, triton_head_dim,
+                            tune)
 from sampling import ads_score, check_eps, fd_delta, permute_vocab, row_uniforms
 from stack import Prefill, Stack, decode_block, fusion_gap
 
@@ -52,6 +53,7 @@ class EngineOptions:
     prefill_backends: tuple = PREFILL_BACKENDS  # SDPA kernels for prefill attention, in order of preference
     row_piece: int = ROW_PIECE             # width of the pieces of the sampler's row reductions and inverse CDF
     inverse_cdf: Callable = inverse_cdf    # the sampler's last step, (probs, u, piece) -> tokens
+    softmax: Callable = softmax_rows       # the sampler's softmax, (scores, piece) -> probs
     tune_timer: Callable = gpu_ms          # how kernel layouts are timed when tuned (launch_ms: the old eager timing)
     timings: dict = None                   # if a dict: receives capture_s (re-lay, tuning, compile, capture),
     #                                        compiled, prefill_s, decode_s and steps (device syncs around prefill)
@@ -175,7 +177,7 @@ class Engine:
                     for net in part:
                         attach_slot_caches(net, slots, max_len)
                 self.groups.append((part, stack))
-        self.scores_fn, self.nucleus_fn = self.scores_of, nucleus_probs
+        self.scores_fn, self.nucleus_fn, self.uniforms_fn = self.scores_of, self.nucleus_of, row_uniforms
         device = next(models.teacher.parameters()).device
         self.device, self.slots, self.max_len = device, slots, max_len
         self.eos = torch.tensor(models.eos_ids, dtype=torch.long, device=device)
@@ -234,6 +236,9 @@ class Engine:
             delta = permute_vocab(delta, p.seed, rows, steps)
         return ads_score(logits[0], delta, p.tau, p.lam)
 
+    def nucleus_of(self, scores, top_k, top_p, piece):
+        return nucleus_probs(scores, top_k, top_p, piece, self.options.softmax)
+
     def pick(self, u):
         p = self.params
         if p.greedy:
@@ -243,7 +248,7 @@ class Engine:
 
     def step(self):
         """Sample every slot's next token from the stored scores, book it, feed it to the models."""
-        tok = self.pick(row_uniforms(self.params.seed, self.row_id, self.n_gen))
+        tok = self.pick(self.uniforms_fn(self.params.seed, self.row_id, self.n_gen))
         is_eos = (tok[:, None] == self.eos).any(-1) & ~self.done
         keep = ~self.done & ~is_eos
         self.out.scatter_(1, self.n_gen[:, None], torch.where(keep, tok, self.pad)[:, None])
@@ -318,7 +323,9 @@ class Engine:
             if stack is not None:
                 stack.block = torch.compile(decode_block, dynamic=False, mode=mode) if blocks else decode_block
         self.scores_fn = torch.compile(self.scores_of, dynamic=False) if score else self.scores_of
-        self.nucleus_fn = torch.compile(nucleus_probs, dynamic=False) if score else nucleus_probs
+        self.nucleus_fn = torch.compile(self.nucleus_of, dynamic=False) if score else self.nucleus_of
+        # the noise's hash is some 60 tiny integer kernels eagerly, one compiled
+        self.uniforms_fn = torch.compile(row_uniforms, dynamic=False) if score else row_uniforms
 
     def warm_up(self):
         side = torch.cuda.Stream()

@@ -430,6 +430,14 @@ for cand in (bits[:, :16].sort(-1).values, middle + 7 * torch.arange(16, dtype=t
         part = torch.empty(4, n, 16)
         engine_kernels._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
         assert torch.allclose(part.sum(1), want, atol=1e-5), (chunk, sub, column)
+# the sampler's two-pass softmax: a last chunk cut short by the row's end, -inf entries, a row that
+# is -inf but for one entry
+scores = torch.randn(4, 9000) * 5
+scores[1, ::3] = float("-inf")
+scores[2] = float("-inf")
+scores[2, 8999] = 0.3
+got = engine_kernels.softmax_rows_triton(scores)
+assert torch.allclose(got, torch.softmax(scores, -1), rtol=1e-5, atol=1e-8) and got[2, 8999] == 1.0
 # the prefill's elementwise kernels against the torch ops they replace (float32: the interpreter
 # truncates float32 -> bfloat16 where the GPU rounds to nearest, so bfloat16 is checked on the GPU)
 x, y, w = torch.randn(2, 5, 48), torch.randn(2, 5, 48), torch.randn(2, 48)
