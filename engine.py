@@ -49,6 +49,7 @@ class EngineOptions:
     refill: bool = True                    # refill a finished row's slot at once (off: whole static batches)
     fused: bool = True                     # decode Llama/Qwen2-form models through stack.Stack (off: HF modules)
     fused_prefill: bool = True             # prefill through the Stack too (off: HF modules)
+    stack_models: bool = True              # models of one config in one Stack (off: a Stack each, plain matmuls)
     prefill_tokens: int = 16384            # padded prompt tokens per prefill call (bounds activation memory)
     prefill_backends: tuple = PREFILL_BACKENDS  # SDPA kernels for prefill attention, in order of preference
     row_piece: int = ROW_PIECE             # width of the pieces of the sampler's row reductions and inverse CDF
@@ -171,7 +172,8 @@ class Engine:
         # else the Hugging Face modules with their own slot caches
         self.groups = []
         for nets in [[models.teacher]] + ([[models.plus, models.minus]] if params.uses_proxy else []):
-            for part in [nets] if fusion_gap(nets) is None else [[net] for net in nets]:
+            together = fusion_gap(nets) is None and options.stack_models
+            for part in [nets] if together else [[net] for net in nets]:
                 stack = Stack(part, slots, max_len) if options.fused and fusion_gap(part) is None else None
                 if stack is None:
                     for net in part:

@@ -205,7 +205,9 @@ def test_fused_stack_prefills_and_decodes_like_the_hugging_face_modules_and_keep
     fused = engine.generate(models, prompts, rows, max_new, params, batch_size=3)
     hf_prefill = engine.generate(models, prompts, rows, max_new, params, batch_size=3,
                                  options=EngineOptions(fused_prefill=False))
-    assert fused == unfused == hf_prefill
+    one_stack_each = engine.generate(models, prompts, rows, max_new, params, batch_size=3,
+                                     options=EngineOptions(stack_models=False))
+    assert fused == unfused == hf_prefill == one_stack_each
     with torch.no_grad():  # the Stack re-laid the weights in place: same values, so the same outputs
         after = [m(input_ids=ids).logits for m in (teacher, *proxies)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
@@ -331,8 +333,9 @@ def test_jvp_mode_is_refused_by_the_engine_and_decoded_by_the_reference_loop_wit
 
 
 def test_the_benchmarks_sampler_options_reach_the_sampler(teacher, proxies):
-    """EngineOptions.row_piece and .inverse_cdf (the benchmark's wholerows and wholescan variants) are
-    what the step samples with, in place of the module constants the benchmark used to patch."""
+    """EngineOptions.row_piece, .inverse_cdf and .softmax (the benchmark's wholerows, wholescan and
+    piecesoftmax variants) are what the step samples with, in place of the module constants the
+    benchmark used to patch."""
     models = decode_models(teacher, proxies, eos_ids=(3, 9))
     params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)
     prompts, rows, max_new = ragged_prompts(4, seed=12), list(range(4)), [5, 3, 6, 4]
@@ -343,9 +346,15 @@ def test_the_benchmarks_sampler_options_reach_the_sampler(teacher, proxies):
         cdf = probs.cumsum(-1)
         return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
-    options = EngineOptions(row_piece=16, inverse_cdf=whole_row_scan)
+    softmaxes = []
+
+    def plain_softmax(scores, piece):
+        softmaxes.append(piece)
+        return torch.softmax(scores.float(), -1)
+
+    options = EngineOptions(row_piece=16, inverse_cdf=whole_row_scan, softmax=plain_softmax)
     got = engine.generate(models, prompts, rows, max_new, params, batch_size=2, options=options)
-    assert pieces and set(pieces) == {16}
+    assert pieces and set(pieces) == {16} and softmaxes
     assert got == generate_reference(models, prompts, rows, max_new, params)
 
 
