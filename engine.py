@@ -27,7 +27,7 @@ import torch
 from transformers import AttentionInterface
 
 from engine_kernels import (ATTENTION_CONFIGS, HAVE_TRITON, MASS_CONFIGS, PREFILL_BACKENDS, ROW_PIECE, SEARCH_WAYS,
-                            attention_key, decode_attention, decode_attention_triton, gpu_ms, inverse_cdf, mass_above,
+                            ads_fd_score, attention_key, decode_attention, decode_attention_triton, gpu_ms, inverse_cdf, mass_above,
                             mass_key, nucleus_probs, prefill_attention, sample_tokens, softmax_rows, triton_head_dim,
                             tune)
 from sampling import ads_score, check_eps, fd_delta, permute_vocab, row_uniforms
@@ -55,6 +55,7 @@ class EngineOptions:
     row_piece: int = ROW_PIECE             # width of the pieces of the sampler's row reductions and inverse CDF
     inverse_cdf: Callable = inverse_cdf    # the sampler's last step, (probs, u, piece) -> tokens
     softmax: Callable = softmax_rows       # the sampler's softmax, (scores, piece) -> probs
+    fd_score: Callable = ads_fd_score      # the ADS score from the three models' logits (not under the permute control)
     tune_timer: Callable = gpu_ms          # how kernel layouts are timed when tuned (launch_ms: the old eager timing)
     timings: dict = None                   # if a dict: receives capture_s (re-lay, tuning, compile, capture),
     #                                        compiled, prefill_s, decode_s and steps (device syncs around prefill)
@@ -233,10 +234,11 @@ class Engine:
         p = self.params
         if p.greedy:
             return logits[0].float()
-        delta = fd_delta(logits[1], logits[2], p.eps) if p.uses_proxy else None
-        if delta is not None and p.control == "permute":
-            delta = permute_vocab(delta, p.seed, rows, steps)
-        return ads_score(logits[0], delta, p.tau, p.lam)
+        if p.uses_proxy and p.control == "permute":
+            delta = permute_vocab(fd_delta(logits[1], logits[2], p.eps), p.seed, rows, steps)
+            return ads_score(logits[0], delta, p.tau, p.lam)
+        plus, minus = logits[1:3] if p.uses_proxy else (None, None)
+        return self.options.fd_score(logits[0], plus, minus, p.tau, p.lam, p.eps)
 
     def nucleus_of(self, scores, top_k, top_p, piece):
         return nucleus_probs(scores, top_k, top_p, piece, self.options.softmax)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sampling import filter_top_k_top_p
+from sampling import ads_score, fd_delta, filter_top_k_top_p
 
 try:
     import triton
@@ -461,26 +461,88 @@ def softmax_rows_triton(s, chunk=SOFTMAX_CHUNK):
     B, V = s.shape
     chunks = triton.cdiv(V, chunk)
     part = torch.empty((2, B, chunks), dtype=torch.float32, device=s.device)
-    _chunk_max_sumexp[(B, chunks)](s, part, V, chunks, B * chunks, CHUNK=chunk, BLOCK=1024, num_warps=8)
-    top = part[0].amax(-1, keepdim=True)
-    total = (part[1] * torch.exp(part[0] - top)).sum(-1, keepdim=True)
+    top, total = row_max_sumexp(s, chunk)
     probs = torch.empty_like(s)
     _exp_normalise[(B, chunks)](s, top, total, probs, V, CHUNK=chunk, BLOCK=1024, num_warps=8)
     return probs
 
 
+def row_max_sumexp(x, chunk=SOFTMAX_CHUNK):
+    """Per row of x (B, V; any float dtype, rows may be strided): its max and the sum of exp(x -
+    max), each (B, 1) float32, from B x ceil(V / chunk) programs and a small combine."""
+    B, V = x.shape
+    assert x.stride(1) == 1
+    chunks = triton.cdiv(V, chunk)
+    part = torch.empty((2, B, chunks), dtype=torch.float32, device=x.device)
+    _chunk_max_sumexp[(B, chunks)](x, part, V, x.stride(0), chunks, B * chunks, CHUNK=chunk, BLOCK=1024, num_warps=8)
+    top = part[0].amax(-1, keepdim=True)
+    return top, (part[1] * torch.exp(part[0] - top)).sum(-1, keepdim=True)
+
+
+def ads_fd_score(z_teacher, z_plus, z_minus, tau, lam, eps):
+    """sampling.ads_score(z_teacher, sampling.fd_delta(z_plus, z_minus, eps), tau, lam) for logits
+    (B, V) (z_plus, z_minus None: lam = 0): on GPU the three log-softmaxes' row statistics in one
+    Triton pass each and the score in one more, with torch's order of operations; left to Inductor
+    they took 0.40 ms per step for 192 rows of 151,665, whose memory traffic takes about 0.12 ms
+    (bench/results/h200_attention_to_row_length_73bd4a3.log)."""
+    if z_teacher.is_cuda and triton is not None:
+        return ads_fd_score_triton(z_teacher, z_plus, z_minus, tau, lam, eps)
+    return ads_fd_score_torch(z_teacher, z_plus, z_minus, tau, lam, eps)
+
+
+def ads_fd_score_torch(z_teacher, z_plus, z_minus, tau, lam, eps):
+    delta = fd_delta(z_plus, z_minus, eps) if z_plus is not None and lam != 0 else None
+    return ads_score(z_teacher, delta, tau, lam)
+
+
+def ads_fd_score_triton(z_teacher, z_plus, z_minus, tau, lam, eps):
+    proxies = z_plus is not None and lam != 0
+    B, V = z_teacher.shape
+    stats = [row_max_sumexp(z) for z in ((z_teacher, z_plus, z_minus) if proxies else (z_teacher,))]
+    # log_softmax(z) = (z - max) - log(sum): per model, its max and the log of its sum
+    top = torch.cat([t for t, _ in stats] + [torch.zeros_like(stats[0][0])] * (3 - len(stats)), -1).contiguous()
+    log_total = torch.cat([torch.log(s) for _, s in stats] + [torch.zeros_like(stats[0][1])] * (3 - len(stats)),
+                          -1).contiguous()
+    plus, minus = (z_plus, z_minus) if proxies else (z_teacher, z_teacher)
+    out = torch.empty((B, V), dtype=torch.float32, device=z_teacher.device)
+    block = 2048
+    _fd_score[(B, triton.cdiv(V, block))](z_teacher, plus, minus, top, log_total, out, V, z_teacher.stride(0),
+                                         plus.stride(0), minus.stride(0), 1.0 / tau, lam, 2 * eps,
+                                         PROXIES=proxies, BLOCK=block, num_warps=8)
+    return out
+
+
 if triton is not None:
     @triton.jit
-    def _chunk_max_sumexp(S, Part, vocab, chunks, plane, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    def _fd_score(ZT, ZP, ZM, Top, LogTotal, Out, vocab, st, sp, sm, inv_tau, lam, two_eps,
+                  PROXIES: tl.constexpr, BLOCK: tl.constexpr):
+        """Out = log_softmax(ZT) / tau (+ lam (log_softmax(ZP) - log_softmax(ZM)) / (2 eps)) for one
+        row block, each log_softmax as (z - max) - log(sum), in float32."""
+        row, blk = tl.program_id(0), tl.program_id(1)
+        idx = blk * BLOCK + tl.arange(0, BLOCK)
+        live = idx < vocab
+        r = row.to(tl.int64)
+        zt = tl.load(ZT + r * st + idx, mask=live, other=0.0).to(tl.float32)
+        score = ((zt - tl.load(Top + row * 3)) - tl.load(LogTotal + row * 3)) * inv_tau
+        if PROXIES:
+            zp = tl.load(ZP + r * sp + idx, mask=live, other=0.0).to(tl.float32)
+            zm = tl.load(ZM + r * sm + idx, mask=live, other=0.0).to(tl.float32)
+            lp = (zp - tl.load(Top + row * 3 + 1)) - tl.load(LogTotal + row * 3 + 1)
+            lm = (zm - tl.load(Top + row * 3 + 2)) - tl.load(LogTotal + row * 3 + 2)
+            score = score + lam * ((lp - lm) / two_eps)
+        tl.store(Out + r * vocab + idx, score, mask=live)
+
+    @triton.jit
+    def _chunk_max_sumexp(S, Part, vocab, stride, chunks, plane, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         """Part[0, row, chunk] = max of the chunk's entries, Part[1, row, chunk] = sum of exp(entry -
         that max); each lane keeps its own running pair and the lanes are combined once at the end."""
         row, chunk = tl.program_id(0), tl.program_id(1)
-        base = S + row.to(tl.int64) * vocab
+        base = S + row.to(tl.int64) * stride
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK], tl.float32)
         for i in tl.static_range(0, CHUNK, BLOCK):
             idx = chunk * CHUNK + i + tl.arange(0, BLOCK)
-            x = tl.load(base + idx, mask=idx < vocab, other=float("-inf"))
+            x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, x)
             seen = m_new > float("-inf")  # a lane that has met only -inf adds nothing (and no NaN)
             l = tl.where(seen, l * tl.exp(m - m_new) + tl.exp(x - m_new), 0.0)

@@ -447,6 +447,13 @@ scores[2] = float("-inf")
 scores[2, 8999] = 0.3
 got = engine_kernels.softmax_rows_triton(scores)
 assert torch.allclose(got, torch.softmax(scores, -1), rtol=1e-5, atol=1e-8) and got[2, 8999] == 1.0
+# the ADS score from logits cut from wider rows (as the models' padded vocabularies are), and at lam = 0
+wide = torch.randn(3, 4, 9100) * 4
+zt, zp, zm = (w[:, :9000] for w in wide)
+for lam in (0.3, 0.0):
+    want = engine_kernels.ads_fd_score_torch(zt, zp, zm, 0.8, lam, 0.01)
+    got = engine_kernels.ads_fd_score_triton(zt, zp, zm, 0.8, lam, 0.01)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-3), lam
 # the prefill's elementwise kernels against the torch ops they replace (float32: the interpreter
 # truncates float32 -> bfloat16 where the GPU rounds to nearest, so bfloat16 is checked on the GPU)
 x, y, w = torch.randn(2, 5, 48), torch.randn(2, 5, 48), torch.randn(2, 48)
