@@ -42,7 +42,7 @@ class EngineOptions:
     """How engine.generate runs.  decode.generate sets compile_layers (off for engine='eager'); the
     other fields are the benchmark's switches (bench/bench_decode.py), for before/after runs in one
     process, and keep their defaults everywhere else."""
-    compile_layers: bool = True            # on GPU, blocks, score and filter through torch.compile (off: eager kernels)
+    compile_layers: bool = True            # on GPU, blocks, score, filter and draw through torch.compile (off: eager)
     gemm_autotune: bool = False            # compiled blocks' matmuls picked by Inductor's max-autotune (Triton
     #                                        templates timed against cuBLAS per shape; a longer compile)
     check_every: int = None                # decode steps between host checks; None: 16 on GPU, 1 on CPU
@@ -181,6 +181,7 @@ class Engine:
                         attach_slot_caches(net, slots, max_len)
                 self.groups.append((part, stack))
         self.scores_fn, self.nucleus_fn, self.uniforms_fn = self.scores_of, self.nucleus_of, row_uniforms
+        self.draw_fn, self.book_fn = options.inverse_cdf, self.book
         device = next(models.teacher.parameters()).device
         self.device, self.slots, self.max_len = device, slots, max_len
         self.eos = torch.tensor(models.eos_ids, dtype=torch.long, device=device)
@@ -248,11 +249,11 @@ class Engine:
         if p.greedy:
             return self.score.argmax(-1)
         o = self.options
-        return sample_tokens(self.score, u, p.top_k, p.top_p, self.nucleus_fn, o.inverse_cdf, o.row_piece)
+        return sample_tokens(self.score, u, p.top_k, p.top_p, self.nucleus_fn, self.draw_fn, o.row_piece)
 
-    def step(self):
-        """Sample every slot's next token from the stored scores, book it, feed it to the models."""
-        tok = self.pick(self.uniforms_fn(self.params.seed, self.row_id, self.n_gen))
+    def book(self, tok):
+        """Keep each live slot's sampled token (a pad once it is done), update the slots' state, and
+        return what the models are fed (pads for done slots) at which cache positions."""
         is_eos = (tok[:, None] == self.eos).any(-1) & ~self.done
         keep = ~self.done & ~is_eos
         self.out.scatter_(1, self.n_gen[:, None], torch.where(keep, tok, self.pad)[:, None])
@@ -260,9 +261,13 @@ class Engine:
         self.ended.logical_or_(is_eos)
         self.done.logical_or_(is_eos | (self.n_gen >= self.budget))
         pos = self.seq_len.clamp(max=self.max_len - 1)  # finished slots write harmlessly in bounds
-        feed = torch.where(self.done, self.pad, tok)
-        self.score.copy_(self.scores_fn(self.decode_logits(feed, pos), self.row_id, self.n_gen))
         self.seq_len.add_((~self.done).long())
+        return torch.where(self.done, self.pad, tok), pos
+
+    def step(self):
+        """Sample every slot's next token from the stored scores, book it, feed it to the models."""
+        feed, pos = self.book_fn(self.pick(self.uniforms_fn(self.params.seed, self.row_id, self.n_gen)))
+        self.score.copy_(self.scores_fn(self.decode_logits(feed, pos), self.row_id, self.n_gen))
 
     def tune(self):
         """Pick the decode attention and top-p search layouts for this engine's shapes (TUNED),
@@ -292,15 +297,17 @@ class Engine:
         while every slot is still empty (done), so they leave no trace in the results.  With
         options.compile_layers, each transformer block, the score and the top-k/top-p filter run through
         torch.compile while the graph is recorded (fusing norms, rotary, activations and the passes
-        over B x V); prefill stays eager.  A compiler failure must not stop generation: then the
-        score and filter, and if that is not enough the blocks too, fall back to eager kernels."""
+        over B x V), and so do the draw and the bookkeeping (some 130 small kernels eagerly); prefill
+        stays eager.  A compiler failure must not stop generation: then the draw and bookkeeping, next
+        the score and filter, and if that is not enough the blocks too, fall back to eager kernels."""
         self.tune()
         blocks = [b for nets, stack in self.groups if stack is None for net in nets for b in decoder_layers(net)]
-        tiers = [("blocks, score and filter", True, True), ("blocks", True, False)]
+        tiers = [("blocks, score, filter and draw", True, True, True), ("blocks, score and filter", True, True, False),
+                 ("blocks", True, False, False)]
         tiers = tiers if self.options.compile_layers else []
         try:
-            for name, compile_blocks, compile_score in tiers + [("nothing", False, False)]:
-                self.compile_parts(blocks, compile_blocks, compile_score)
+            for name, compile_blocks, compile_score, compile_draw in tiers + [("nothing", False, False, False)]:
+                self.compile_parts(blocks, compile_blocks, compile_score, compile_draw)
                 try:
                     self.warm_up()
                     self.compiled = name
@@ -316,8 +323,9 @@ class Engine:
         finally:
             self.compile_parts(blocks, False, False)
 
-    def compile_parts(self, hf_blocks, blocks, score):
-        """Route the decode step through compiled (True) or eager (False) blocks and score/filter."""
+    def compile_parts(self, hf_blocks, blocks, score, draw=False):
+        """Route the decode step through compiled (True) or eager (False) blocks, score/filter and
+        draw/bookkeeping."""
         mode = "max-autotune-no-cudagraphs" if self.options.gemm_autotune else None  # the step is one graph already
         for b in hf_blocks:
             b.__dict__.pop("forward", None)
@@ -330,6 +338,8 @@ class Engine:
         self.nucleus_fn = torch.compile(self.nucleus_of, dynamic=False) if score else self.nucleus_of
         # the noise's hash is some 60 tiny integer kernels eagerly, one compiled
         self.uniforms_fn = torch.compile(row_uniforms, dynamic=False) if score else row_uniforms
+        self.draw_fn = torch.compile(self.options.inverse_cdf, dynamic=False) if draw else self.options.inverse_cdf
+        self.book_fn = torch.compile(self.book, dynamic=False) if draw else self.book
 
     def warm_up(self):
         side = torch.cuda.Stream()

@@ -625,7 +625,8 @@ def inverse_cdf(probs, u, piece=ROW_PIECE):
 
 def sample_tokens(scores, u, top_k=0, top_p=1.0, filtered=nucleus_probs, scan=inverse_cdf, piece=ROW_PIECE):
     """softmax(scores) -> top-k -> top-p -> inverse-CDF in vocabulary order with one uniform per row:
-    sampling.sample_from_scores without its sort.  filtered: nucleus_probs, or a compiled copy; the
-    inverse CDF (scan: inverse_cdf, or a benchmark's variant) runs eagerly after it (as measured; a
-    whole-row scan failed to compile in torch 2.11).  piece: the width of the row reductions' pieces."""
+    sampling.sample_from_scores without its sort.  filtered: nucleus_probs, or a compiled copy; scan:
+    the inverse CDF (inverse_cdf, a benchmark's variant, or a compiled copy: the engine falls back to
+    the eager one where it does not compile, as a whole-row scan did not in torch 2.11).  piece: the
+    width of the row reductions' pieces."""
     return scan(filtered(scores, top_k, top_p, piece), u, piece)
