@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import engine_kernels  # noqa: E402
+from real_shapes import COPY_BW, MATMUL_PEAK, PROXY, TEACHER, VOCAB  # noqa: E402
 from decode import cache_kwarg, generate_reference  # noqa: E402
 from engine import EngineOptions  # noqa: E402
 from sampling import DecodeModels, SamplingParams, fd_delta, sample_from_scores  # noqa: E402
@@ -47,17 +48,6 @@ parser.add_argument("--longtail-prompts", type=int, default=768, help="prompts i
 args = parser.parse_args()
 torch._dynamo.config.recompile_limit = 64  # one compiled block per (model shape, batch) in one process
 
-VOCAB = 151665            # ids the Qwen tokenizer defines; wider logits are padding rows
-COPY_BW = 4.3e12          # bytes/s, device-to-device copy measured on this H200 (read + write)
-MATMUL_PEAK = 790e12      # FLOP/s, bf16 8192^3 matmul measured on this H200
-TEACHER = dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, intermediate_size=18944, rms_norm_eps=1e-6,
-               rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-               max_position_embeddings=131072, tie_word_embeddings=False)
-PROXY = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-             num_key_value_heads=2, intermediate_size=11008, rms_norm_eps=1e-6,
-             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-             max_position_embeddings=32768, tie_word_embeddings=True)
 ADS = SamplingParams(tau=0.9, lam=0.05, eps=1e-2, top_p=0.95, seed=42)
 PLAIN = SamplingParams(tau=0.9, lam=0.0, top_p=0.95, seed=42)
 
