@@ -6,9 +6,8 @@ neither the batch a row lands in nor its slot changes its sample), at a fraction
   by an attention function registered with transformers' AttentionInterface (so the Hugging Face
   model classes run unchanged), or by the fused block stack (stack.py) for Llama/Qwen2-form models;
 - one decode step (teacher + both proxies + ADS score + sort-free top-k/top-p sampling + EOS and
-  budget bookkeeping) is one CUDA graph replay (the teacher on a second stream beside the proxies),
-  with each block, the score and the sampler fused by torch.compile while the graph is recorded;
-  the Triton kernels (engine_kernels.py) take the layout that
+  budget bookkeeping) is one CUDA graph replay, with each block, the score and the sampler fused by
+  torch.compile while the graph is recorded; the Triton kernels (engine_kernels.py) take the layout that
   times fastest on this GPU for these shapes, chosen once per process before the step is recorded;
 - a Scheduler on the host looks at the slots every `check_every` steps and refills a finished row's
   slot with the next prompt (prefilled outside the graph), so the batch stays full while trace
@@ -51,8 +50,6 @@ class EngineOptions:
     fused: bool = True                     # decode Llama/Qwen2-form models through stack.Stack (off: HF modules)
     fused_prefill: bool = True             # prefill through the Stack too (off: HF modules)
     stack_models: bool = True              # models of one config in one Stack (off: a Stack each, plain matmuls)
-    overlap_models: bool = True            # on GPU, the teacher's decode forward on a second stream beside the
-    #                                        proxies' (off: one after the other on one stream)
     prefill_tokens: int = 16384            # padded prompt tokens per prefill call (bounds activation memory)
     prefill_backends: tuple = PREFILL_BACKENDS  # SDPA kernels for prefill attention, in order of preference
     row_piece: int = ROW_PIECE             # width of the pieces of the sampler's row reductions and inverse CDF
@@ -199,29 +196,16 @@ class Engine:
         self.score = torch.zeros((slots, self.vocab), dtype=torch.float32, device=device)
         self.graph = None
         self.compiled = "nothing"    # what capture() managed to compile
-        overlap = options.overlap_models and device.type == "cuda" and len(self.groups) > 1
-        self.side = torch.cuda.Stream(device) if overlap else None
 
     def decode_logits(self, ids, pos):
-        """Next-token logits of every model for one token per slot, cut to the tokenizer's ids.  With a
-        side stream, the first group (the teacher) runs on it while the proxies run on the current
-        stream: at batch 192 many of the step's kernels (the small projections, attention, norms)
-        leave SMs idle that the other model's kernels can use.  The graph records the fork and join."""
-        if self.side is None:
-            return [t for group in self.groups for t in self.group_logits(group, ids, pos)]
-        here = torch.cuda.current_stream()
-        self.side.wait_stream(here)
-        with torch.cuda.stream(self.side):
-            first = self.group_logits(self.groups[0], ids, pos)
-        rest = [t for group in self.groups[1:] for t in self.group_logits(group, ids, pos)]
-        here.wait_stream(self.side)
-        return first + rest
-
-    def group_logits(self, group, ids, pos):
-        nets, stack = group
-        if stack is None:
-            return self.forward(ids[:, None], pos[:, None], nets=nets)
-        return list(stack.logits(ids, pos)[:, :, :self.vocab].unbind(0))
+        """Next-token logits of every model for one token per slot, cut to the tokenizer's ids."""
+        logits = []
+        for nets, stack in self.groups:
+            if stack is None:
+                logits += self.forward(ids[:, None], pos[:, None], nets=nets)
+            else:
+                logits += list(stack.logits(ids, pos)[:, :, :self.vocab].unbind(0))
+        return logits
 
     def prefill_logits(self, ids, prefill):
         """Last-position logits of every model for left-padded prompts, cut to the tokenizer's ids;

@@ -39,8 +39,7 @@ parser.add_argument("--stages", default="check,engine,reference,unfused", help="
                     "chosen by eager timing, as before graph timing), gemmtuned (the blocks' matmuls through Inductor's max-autotune), "
                     "piecesoftmax (the sampler's softmax left to Inductor, as before its Triton passes), unstacked (each proxy "
                     "its own Stack: plain matmuls, not batched), torchscore (the ADS score left to Inductor, as before its "
-                    "Triton passes), serial (the teacher's and the proxies' forwards one after the other on one stream, as before "
-                    "overlap_models), longtail")
+                    "Triton passes), longtail")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
 parser.add_argument("--new", type=int, default=512, help="generated tokens per row (EOS ignored)")
@@ -341,7 +340,6 @@ def main():
             variants += [("piecesoftmax", dict(softmax=engine_kernels.softmax_rows_torch))] if "piecesoftmax" in stages else []
             variants += [("unstacked", dict(stack_models=False))] if "unstacked" in stages and mode == "ads" else []
             variants += [("torchscore", dict(fd_score=engine_kernels.ads_fd_score_torch))] if "torchscore" in stages else []
-            variants += [("serial", dict(overlap_models=False))] if "serial" in stages and mode == "ads" else []
             mine = {}
             for name, kw in variants:
                 r = time_engine(models, params, b, **kw)
