@@ -133,14 +133,11 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, scale):
     return (probs @ v).reshape(n, heads, dim).to(q.dtype)
 
 
-# (keys per program, keys per inner iteration, warps, pipeline stages[, keys loaded as (dim, keys)]) of the
-# split-K decode kernel
+# (keys per program, keys per inner iteration, warps, pipeline stages) of the split-K decode kernel
 ATTENTION_DEFAULT = (128, 64, 4, 3)
 ATTENTION_CONFIGS = [ATTENTION_DEFAULT, (64, 64, 4, 3), (256, 64, 4, 3), (256, 128, 8, 3), (128, 32, 4, 3),
                      (128, 128, 8, 2), (512, 64, 4, 3), (256, 64, 8, 4), (32, 32, 4, 2), (1024, 64, 4, 3),
-                     (512, 64, 8, 3), (512, 128, 8, 3), (512, 32, 4, 4), (512, 32, 2, 4), (1024, 32, 4, 5),
-                     (512, 64, 2, 3), (1024, 64, 4, 4), (256, 32, 2, 3), (256, 64, 4, 3, True), (512, 64, 4, 3, True),
-                     (1024, 64, 4, 3, True), (512, 32, 4, 4, True)]
+                     (512, 64, 8, 3), (512, 128, 8, 3)]
 
 
 def attention_key(q, k_cache):
@@ -151,13 +148,13 @@ def attention_key(q, k_cache):
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
     """Flash-decoding: programs over (row, kv head, key split) each read only filled positions and
     keep a partial softmax; the splits are merged here.  Graph-safe: lengths stay on the device.
-    config: one of ATTENTION_CONFIGS; default: the tuned one."""
+    config: (keys per program, keys per iteration, warps, stages); default: the tuned one."""
     q = q.contiguous()  # the kernel assumes unit stride along dim
     n, heads, dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     padded = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
-    split, block, warps, stages, *rest = config or TUNED.get(attention_key(q, k_cache), ATTENTION_DEFAULT)
+    split, block, warps, stages = config or TUNED.get(attention_key(q, k_cache), ATTENTION_DEFAULT)
     splits = triton.cdiv(max_len, split)
     # partial results of the real query heads only (7 of the 16 rows a 7-head group is padded to)
     acc = torch.empty((n, kv_heads, splits, group, dim), dtype=torch.float32, device=q.device)
@@ -168,8 +165,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale,
         GROUP=group, PADDED=padded, DIM=dim, BLOCK_N=block, SPLIT=split,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KEYS_BY_DIM=bool(rest and rest[0]),
-        num_warps=warps, num_stages=stages)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     out = torch.empty_like(q)
     _merge_splits[(n, kv_heads)](acc, top, total, lengths, out, out.stride(0), out.stride(1),
                                  SPLITS=splits, SPLIT=split, GROUP=group, PADDED=padded, DIM=dim)
@@ -181,10 +177,7 @@ if triton is not None:
     def _split_decode_attention(Q, K, V, Lens, Acc, Top, Total,
                                 sqb, sqh, skb, skh, skn, svb, svh, svn, scale: tl.constexpr,
                                 GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr,
-                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                                KEYS_BY_DIM: tl.constexpr = False):
-        """KEYS_BY_DIM loads each block of keys as a (dim, keys) tile, the layout the q.k product takes,
-        instead of transposing a (keys, dim) one (which is faster depends on the GPU)."""
+                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = s * SPLIT
         end = tl.minimum(start + SPLIT, tl.load(Lens + b).to(tl.int32))
@@ -201,12 +194,9 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             live = n < end
-            if KEYS_BY_DIM:
-                kt = tl.load(k_row + n[None, :] * skn + d[:, None], mask=live[None, :], other=0.0)
-            else:
-                kt = tl.trans(tl.load(k_row + n[:, None] * skn + d[None, :], mask=live[:, None], other=0.0))
+            k = tl.load(k_row + n[:, None] * skn + d[None, :], mask=live[:, None], other=0.0)
             v = tl.load(v_row + n[:, None] * svn + d[None, :], mask=live[:, None], other=0.0)
-            qk = tl.dot(q, kt, input_precision=PRECISION) * scale
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             qk = tl.where(live[None, :], qk, float("-inf"))
             m_new = tl.maximum(m, tl.max(qk, 1))
             p = tl.exp(qk - m_new[:, None])
