@@ -17,11 +17,13 @@ from utils import die
 ENGINES = ("auto", "eager", "reference")
 
 
-def generate(models, prompts, rows, max_new, params, batch_size, engine="auto", progress=None, options=None):
+def generate(models, prompts, rows, max_new, params, batch_size, engine="auto", progress=None, options=None,
+             on_done=None):
     """Decode all prompts with batch_size slots: the engine by default ('eager': the same engine
     without torch.compile), the reference loop over chunks of batch_size prompts when
     engine='reference' or the engine does not run the request (said on stderr).  progress(tokens,
-    rows), if given, is called with the tokens generated and the rows finished as they happen.
+    rows), if given, is called with the tokens generated and the rows finished as they happen;
+    on_done(i, tokens, ended), once per prompt as soon as prompt i is decoded (in no fixed order).
     options: engine.EngineOptions for the engine (benchmarks).  Returns (tokens, ended) per prompt."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -33,12 +35,15 @@ def generate(models, prompts, rows, max_new, params, batch_size, engine="auto", 
             options = options or fast.EngineOptions()
             if engine == "eager":
                 options = replace(options, compile_layers=False)
-            return fast.generate(models, prompts, rows, max_new, params, batch_size, progress, options)
+            return fast.generate(models, prompts, rows, max_new, params, batch_size, progress, options, on_done)
         print(f"engine: {reason} is not supported, falling back to decode.generate_reference", file=sys.stderr)
     outs, ended = [], []
     for s in range(0, len(prompts), batch_size):
         sl = slice(s, s + batch_size)
         o, e = generate_reference(models, prompts[sl], rows[sl], max_new[sl], params, progress)
+        if on_done:
+            for i, (tokens, end) in enumerate(zip(o, e)):
+                on_done(s + i, tokens, end)
         outs += o
         ended += e
     return outs, ended

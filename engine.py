@@ -394,10 +394,11 @@ class Engine:
         return flags[0].bool().tolist(), flags[1].tolist(), flags[2].bool().tolist()
 
 
-def generate(models, prompts, rows, max_new, params, batch_size, progress=None, options=None):
+def generate(models, prompts, rows, max_new, params, batch_size, progress=None, options=None, on_done=None):
     """decode.generate_reference over any number of prompts with `batch_size` decode slots, for a
     request the engine runs (unsupported_reason None; decode.generate checks).  progress(tokens, rows)
-    is called with the tokens generated and the rows finished since its last call, at each check.
+    is called with the tokens generated and the rows finished since its last call, at each check;
+    on_done(i, tokens, ended) once per prompt, when prompt i is done (a prompt with no budget: first).
     options: an EngineOptions (default: EngineOptions())."""
     options = options or EngineOptions()
     check_eps(models, params)
@@ -407,6 +408,9 @@ def generate(models, prompts, rows, max_new, params, batch_size, progress=None, 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("engine.generate needs non-empty prompts")
     live = [i for i in range(len(prompts)) if max_new[i] > 0]
+    for i in range(len(prompts)):
+        if on_done and max_new[i] <= 0:
+            on_done(i, [], False)
     if not live:
         return [[] for _ in prompts], [False] * len(prompts)
     start = time.perf_counter()
@@ -422,7 +426,8 @@ def generate(models, prompts, rows, max_new, params, batch_size, progress=None, 
             if options.timings is not None:
                 options.timings["capture_s"] = time.perf_counter() - start
                 options.timings["compiled"] = engine.compiled
-            scheduler = Scheduler(engine, prompts, rows, max_new, options.check_every or (16 if on_gpu else 1), progress)
+            scheduler = Scheduler(engine, prompts, rows, max_new, options.check_every or (16 if on_gpu else 1), progress,
+                                  on_done)
             return scheduler.run()
     finally:
         engine.release()
@@ -433,10 +438,10 @@ class Scheduler:
     harvest the finished rows, repeat until every prompt is done.  With options.refill off, a whole
     batch finishes before the next starts (static batches, for comparison)."""
 
-    def __init__(self, engine, prompts, rows, max_new, check_every, progress=None):
+    def __init__(self, engine, prompts, rows, max_new, check_every, progress=None, on_done=None):
         self.engine, self.options = engine, engine.options
         self.prompts, self.rows, self.max_new = prompts, rows, max_new
-        self.check_every, self.progress = check_every, progress
+        self.check_every, self.progress, self.on_done = check_every, progress, on_done
         self.tokens, self.ended = [[] for _ in prompts], [False] * len(prompts)  # results, in input order
         self.queue = [i for i in reversed(range(len(prompts))) if max_new[i] > 0]  # next prompt last
         self.free = list(range(engine.slots))
@@ -494,6 +499,8 @@ class Scheduler:
             for j, s in enumerate(finished):
                 self.tokens[self.owner[s]] = rows_out[j, :n_gen[s]].tolist()
                 self.ended[self.owner[s]] = eos[s]
+                if self.on_done:
+                    self.on_done(self.owner[s], self.tokens[self.owner[s]], eos[s])
         if self.progress:
             new = sum(n_gen[s] - self.counted[s] for s in slots if self.owner[s] is not None)
             if new or finished:

@@ -3,7 +3,8 @@ evaluation traces, each graded before and after answer forcing.
 
 Writes EXP_DIR/traces/NAME (datasets on disk; the pipeline's sentinel, renamed into place last),
 NAME.parquet, NAME.yaml (resolved config + stats) and one line of EXP_DIR/metadata/trace_registry.jsonl.
-Finished chunks are kept in EXP_DIR/traces/.NAME.work, so a killed run resumes where it stopped.
+Decoded and finished chunks are kept in EXP_DIR/traces/.NAME.work, so a killed run resumes where it
+stopped.
 
     accelerate launch --config_file acc_config.yaml gentraces.py data_split=gsm8k_train \
         tau=0.9 lam=0.05 eps=0.01 grad_path=exp/student_grads.safetensors exp_dir=exp trace_name=demo
@@ -271,7 +272,8 @@ def run_fingerprint(cfg):
     keys = ("teacher", "proxy", "grad_path", "dtype", "data_split", "data_dir", "max_samples", "fewshot",
             "system_prompt", "seed", "max_length", "max_prompt_length", "max_new_tokens", "tau", "lam", "eps",
             "top_p", "top_k", "repetition_penalty", "ads_mode", "answer_force", "answer_force_tokens")
-    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True, default=str)
+    # the chunk size too: chunk c of another size holds other rows
+    blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, "chunk_rows": chunk_rows(cfg)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -310,12 +312,34 @@ def answer_force(models, tokenizer, rows, cfg, batch_size, engine):
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
 
 
-def generate_chunk(models, tokenizer, chunk, marker, cfg, params, progress):
-    budgets = [min(cfg.max_length - len(ex["prompt_ids"]), cfg.max_new_tokens or cfg.max_length) for ex in chunk]
-    outs, ended = decode.generate(models, [ex["prompt_ids"] for ex in chunk], [ex["idx"] for ex in chunk],
-                                    budgets, params, cfg.batch_size, cfg.engine, progress)
+def decode_chunks(models, chunks, which, cfg, params, progress, work):
+    """Decode the prompts of chunks `which` in one call, so continuous batching runs across chunks
+    (decoded one call each, every chunk ended in steps that ran a draining batch at full cost), and
+    keep each chunk's tokens on disk as soon as its last row is done (decoded_path: resume)."""
+    examples = [ex for c in which for ex in chunks[c]]
+    chunk_of = [c for c in which for _ in chunks[c]]
+    first = {c: chunk_of.index(c) for c in which}
+    pending = {c: [None] * len(chunks[c]) for c in which}
+    left = {c: len(chunks[c]) for c in which}
+
+    def on_done(i, tokens, ended):
+        c = chunk_of[i]
+        pending[c][i - first[c]] = {"gen_ids": tokens, "finished": bool(ended)}
+        left[c] -= 1
+        if left[c] == 0:
+            utils.atomic_write_text(decoded_path(work, c), "".join(json.dumps(r) + "\n" for r in pending.pop(c)))
+
+    budgets = [min(cfg.max_length - len(ex["prompt_ids"]), cfg.max_new_tokens or cfg.max_length) for ex in examples]
+    decode.generate(models, [ex["prompt_ids"] for ex in examples], [ex["idx"] for ex in examples], budgets, params,
+                    cfg.batch_size, cfg.engine, progress, on_done=on_done)
+    progress.decoded(len(examples))
+
+
+def build_chunk(models, tokenizer, chunk, decoded, marker, cfg, params):
+    """The trace rows of a decoded chunk: completion text, answer forcing and token details."""
     rows = []
-    for ex, gen, fin in zip(chunk, outs, ended):
+    for ex, d in zip(chunk, decoded):
+        gen, fin = d["gen_ids"], d["finished"]
         split = (ex["rendered"], "") if marker is None else utils.split_at_marker(ex["rendered"], marker)
         prompt, head = split if split else (ex["rendered"], "")
         completion = head + tokenizer.decode(gen, skip_special_tokens=False)
@@ -366,18 +390,35 @@ def token_details(models, tokenizer, params, row):
     return {"tau": params.tau, "lam": params.lam, "control": params.control, "tokens": tokens}
 
 
+def chunk_rows(cfg):
+    return cfg.batch_size * 4  # the resume granularity, and the unit spread over processes
+
+
+def chunk_path(work, c):
+    return work / f"chunk{c:05d}.jsonl"
+
+
+def decoded_path(work, c):
+    return work / f"decoded{c:05d}.jsonl"
+
+
 def generate_all(cfg, params, state, models, tokenizer, examples, marker, work):
-    """Chunk c goes to process c % world; a chunk already on disk is skipped (resume)."""
-    size = cfg.batch_size * 4  # chunk = resume granularity; 4 x slots keeps continuous batching busy
+    """Chunk c goes to process c % world.  This process decodes all of its chunks in one call, writing
+    each chunk's tokens as soon as it is decoded, then builds each chunk's rows (answer forcing, token
+    details).  A chunk already on disk is skipped, a decoded one is not decoded again (resume)."""
+    size = chunk_rows(cfg)
     chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
     mine = [c for c in range(len(chunks)) if c % state.num_processes == state.process_index]
-    todo = [c for c in mine if not (work / f"chunk{c:05d}.jsonl").exists()]
-    progress = Progress(state, sum(len(chunks[c]) for c in mine), sum(len(chunks[c]) for c in mine if c not in todo))
-    for c in todo:
-        rows = generate_chunk(models, tokenizer, chunks[c], marker, cfg, params, progress)
-        utils.atomic_write_text(work / f"chunk{c:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        progress.chunk_done(len(rows))
+    todo = [c for c in mine if not chunk_path(work, c).exists()]
+    undecoded = [c for c in todo if not decoded_path(work, c).exists()]
+    progress = Progress(state, sum(len(chunks[c]) for c in mine), sum(len(chunks[c]) for c in mine if c not in undecoded))
+    if undecoded:
+        decode_chunks(models, chunks, undecoded, cfg, params, progress, work)
     progress.bar.close()
+    for c in todo:
+        rows = build_chunk(models, tokenizer, chunks[c], utils.read_jsonl(decoded_path(work, c)), marker, cfg, params)
+        utils.atomic_write_text(chunk_path(work, c), "".join(json.dumps(r) + "\n" for r in rows))
+        decoded_path(work, c).unlink()
     return len(chunks)
 
 
@@ -389,19 +430,19 @@ class Progress:
         from tqdm import tqdm
         self.bar = tqdm(total=total, initial=done, desc=f"traces (rank {state.process_index})", unit="row",
                         disable=not state.is_main_process, dynamic_ncols=True)
-        self.tokens, self.in_chunk = 0, 0
+        self.tokens, self.in_call = 0, 0
 
     def __call__(self, tokens, rows):
         self.tokens += tokens
-        self.in_chunk += rows
+        self.in_call += rows
         elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
         self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
         self.bar.update(rows)
 
-    def chunk_done(self, n_rows):
-        """Rows that needed no decoding (an empty budget) are counted when their chunk is written."""
-        self.bar.update(n_rows - self.in_chunk)
-        self.in_chunk = 0
+    def decoded(self, n_rows):
+        """Rows that needed no decoding (an empty budget) are counted when the decoding call returns."""
+        self.bar.update(n_rows - self.in_call)
+        self.in_call = 0
 
 
 def gather(work, n_chunks):

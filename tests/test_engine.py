@@ -152,6 +152,25 @@ def test_progress_reports_every_generated_token_and_finished_row_as_they_happen(
     assert len([r for _, r in calls if r]) > 1  # rows are reported as they finish, not all at the end
 
 
+@pytest.mark.parametrize("loop", ["auto", "reference"])
+def test_on_done_hands_over_each_prompt_once_as_it_finishes_with_the_returned_tokens(loop, teacher, proxies):
+    models = decode_models(teacher, proxies, eos_ids=(3, 9))
+    params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)
+    prompts, rows = ragged_prompts(9, seed=12), list(range(100, 109))
+    max_new = [5, 14, 3, 10, 0, 8, 12, 6, 9]
+    done, order = {}, []
+
+    def on_done(i, tokens, ended):
+        assert i not in done
+        done[i] = (list(tokens), ended)
+        order.append(i)
+    tokens, ended = decode.generate(models, prompts, rows, max_new, params, batch_size=4, engine=loop,
+                                    options=EngineOptions(check_every=2) if loop == "auto" else None, on_done=on_done)
+    assert done == {i: (tokens[i], ended[i]) for i in range(9)}
+    if loop == "auto":
+        assert order[0] == 4 and order[1:] != sorted(order[1:])  # no budget: first; then as rows finish
+
+
 def test_permutation_control_equals_generate_reference_and_breaks_the_ads_choice(teacher, proxies):
     models = decode_models(teacher, proxies, eos_ids=(3, 9))
     prompts, rows = ragged_prompts(9, seed=15), list(range(9))

@@ -222,7 +222,7 @@ def test_cli_error_is_a_single_line_without_traceback(tiny_assets, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,after_chunks", [(signal.SIGKILL, 1), (signal.SIGTERM, 2), (signal.SIGINT, 1)])
 def test_killed_run_resumes_to_the_same_output(sig, after_chunks, tiny_assets, tmp_path, grad_file):
-    """Kill generation once some chunks are saved (the point varies with the case), rerun the same
+    """Kill generation once some chunks are decoded (the point varies with the case), rerun the same
     command, and compare with an uninterrupted run."""
     args = base_args(tiny_assets, tmp_path / "killed", tau=1.0, lam=0.5, eps=1e-2, grad_path=grad_file[0],
                      batch_size=1, max_samples=12)
@@ -232,14 +232,14 @@ def test_killed_run_resumes_to_the_same_output(sig, after_chunks, tiny_assets, t
     proc = subprocess.Popen([sys.executable, str(REPO / "gentraces.py"), *args], env=ENV, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    while len(list(work.glob("chunk*.jsonl"))) < after_chunks:
+    saved = lambda: len(list(work.glob("decoded*.jsonl")) + list(work.glob("chunk*.jsonl")))  # noqa: E731
+    while saved() < after_chunks:
         assert proc.poll() is None, "finished before it could be interrupted"
         time.sleep(0.05)
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert not (tmp_path / "killed" / "traces" / "t").exists()
-    saved = len(list(work.glob("chunk*.jsonl")))
-    assert 1 <= saved < 3
+    assert 1 <= saved() < 3
     gentraces.main(args)
     gentraces.main(base_args(tiny_assets, tmp_path / "whole", tau=1.0, lam=0.5, eps=1e-2,
                              grad_path=grad_file[0], batch_size=12, max_samples=12))
@@ -326,3 +326,33 @@ def test_token_details_are_stored_for_the_first_prompts_and_stage_numbers_reach_
     stats = yaml.safe_load((tmp_path / "traces" / "t.yaml").read_text())["stats"]
     assert events.Scalars("gentraces/af_accuracy")[0].value == pytest.approx(stats["af_accuracy"])
     assert events.Scalars("gentraces/tokens_per_s")[0].value > 0
+
+
+def test_a_chunk_decoded_before_a_stop_is_not_decoded_again(untrained_assets, tmp_path):
+    """Batch 1 makes chunks of 4 rows; the second run finds chunk 0 decoded (as a killed run leaves it,
+    here with no tokens) and decodes only chunk 1."""
+    run = dict(tau=0, max_samples=8, batch_size=1, system_prompt=tf.SYSTEM)
+    gentraces.main(base_args(untrained_assets, tmp_path / "whole", **run))
+    args = base_args(untrained_assets, tmp_path / "resumed", **run)
+    work = tmp_path / "resumed" / "traces" / ".t.work"
+    work.mkdir(parents=True)
+    (work / "fingerprint").write_text(gentraces.run_fingerprint(gentraces.settings(args)))
+    (work / "decoded00000.jsonl").write_text((json.dumps({"gen_ids": [], "finished": False}) + "\n") * 4)
+    gentraces.main(args)
+    whole, resumed = load_rows(tmp_path / "whole"), load_rows(tmp_path / "resumed")
+    assert [r["n_tokens"] for r in resumed[:4]] == [0] * 4 and all(r["n_tokens"] > 0 for r in whole[:4])
+    assert [r["completion"] for r in resumed[4:]] == [r["completion"] for r in whole[4:]]
+    assert not work.exists()
+
+
+def test_work_of_a_run_with_another_chunk_size_is_not_reused(untrained_assets, tmp_path):
+    """Chunk c of another batch size holds other rows: reused, it would duplicate some and drop others."""
+    run = dict(tau=0, max_samples=8, system_prompt=tf.SYSTEM)
+    other = gentraces.settings(base_args(untrained_assets, tmp_path, batch_size=1, **run))
+    work = tmp_path / "traces" / ".t.work"
+    work.mkdir(parents=True)
+    (work / "fingerprint").write_text(gentraces.run_fingerprint(other))
+    (work / "chunk00000.jsonl").write_text('{"idx": 0, "completion": "stale"}\n')
+    gentraces.main(base_args(untrained_assets, tmp_path, batch_size=2, **run))
+    rows = load_rows(tmp_path)
+    assert [r["idx"] for r in rows] == list(range(8)) and all(r["completion"] != "stale" for r in rows)
