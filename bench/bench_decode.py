@@ -39,7 +39,8 @@ parser.add_argument("--stages", default="check,engine,reference,unfused", help="
                     "chosen by eager timing, as before graph timing), gemmtuned (the blocks' matmuls through Inductor's max-autotune), "
                     "piecesoftmax (the sampler's softmax left to Inductor, as before its Triton passes), unstacked (each proxy "
                     "its own Stack: plain matmuls, not batched), torchscore (the ADS score left to Inductor, as before its "
-                    "Triton passes), longtail")
+                    "Triton passes), longtail, chunks (gentraces' chunks of 4 x 192 long-tailed prompts one engine call each, "
+                    "as before gentraces.decode_chunks, or all in one call)")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
 parser.add_argument("--new", type=int, default=512, help="generated tokens per row (EOS ignored)")
@@ -161,9 +162,9 @@ def scan_whole_rows(probs, u, piece=None):
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def time_engine(models, params, batch, prompts=None, budgets=None, **options):
+def time_engine(models, params, batch, prompts=None, budgets=None, keep_tokens=False, **options):
     """engine.generate over the workload; options: EngineOptions fields that differ from the defaults
-    (a variant: an older piece of the engine, or static batches)."""
+    (a variant: an older piece of the engine, or static batches).  keep_tokens: the tokens too."""
     prompts = prompts or random_prompts(batch, args.prompt_len, batch)
     budgets = budgets or [args.new] * len(prompts)
     torch.cuda.synchronize()
@@ -180,13 +181,39 @@ def time_engine(models, params, batch, prompts=None, budgets=None, **options):
     wall = time.perf_counter() - start - timings["capture_s"]
     n = sum(len(t) for t in tokens)
     changed = {k: getattr(v, "__name__", v) for k, v in options.items()}  # the variant's options, as written
-    return dict(batch=batch, generated=n, wall_s=wall, setup_s=timings["capture_s"], compile_layers=opts.compile_layers,
+    return dict(**({"tokens": tokens} if keep_tokens else {}),
+                batch=batch, generated=n, wall_s=wall, setup_s=timings["capture_s"], compile_layers=opts.compile_layers,
                 compiled=timings["compiled"], fused=opts.fused, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
                 steps=timings["steps"], options=changed, fused_prefill=opts.fused_prefill,
                 tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
                 tok_s=n / wall, decode_tok_s=n / timings["decode_s"],
                 ms_per_step=1e3 * timings["decode_s"] / timings["steps"],
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+def longtail_workload(n, seed):
+    """(budgets, prompts) of n prompts whose trace lengths are long-tailed: lognormal, median 120,
+    sigma 0.9, capped at the new tokens (EOS forced there)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(math.log(120) + 0.9 * torch.randn(n, generator=g))
+    return lengths.clamp(1, args.new).long().tolist(), random_prompts(n, args.prompt_len, 99)
+
+
+def time_chunks(models, budgets, prompts, batch=192):
+    """gentraces' chunks of 4 x batch prompts decoded one engine call each (as before decode_chunks:
+    every call ends by draining its batch) and all in one call (decode_chunks), ADS; the tokens must
+    be the same."""
+    size = 4 * batch
+    parts = [time_engine(models, ADS, batch, prompts=prompts[i:i + size], budgets=budgets[i:i + size], keep_tokens=True)
+             for i in range(0, len(prompts), size)]
+    one = time_engine(models, ADS, batch, prompts=prompts, budgets=budgets, keep_tokens=True)
+    same = [t for p in parts for t in p.pop("tokens")] == one.pop("tokens")
+    summed = {k: sum(p[k] for p in parts) for k in ("generated", "wall_s", "setup_s", "prefill_s", "decode_s", "steps")}
+    summed.update(batch=batch, calls=len(parts), tok_s=summed["generated"] / summed["wall_s"],
+                  decode_tok_s=summed["generated"] / summed["decode_s"],
+                  ms_per_step=1e3 * summed["decode_s"] / summed["steps"], peak_gib=max(p["peak_gib"] for p in parts))
+    return dict(prompts=len(prompts), chunk=size, budgets_mean=sum(budgets) / len(budgets), tokens_equal=same,
+                one_call=one, call_per_chunk=summed, speedup=one["tok_s"] / summed["tok_s"])
 
 
 class ProxyPenalty(LogitsProcessor):
@@ -357,10 +384,7 @@ def main():
                     save()
                     print(("speedup", mode, ratio), flush=True)
     if "longtail" in stages:
-        g = torch.Generator().manual_seed(7)
-        lengths = torch.exp(math.log(120) + 0.9 * torch.randn(args.longtail_prompts, generator=g))
-        budgets = lengths.clamp(1, args.new).long().tolist()
-        prompts = random_prompts(args.longtail_prompts, args.prompt_len, 99)
+        budgets, prompts = longtail_workload(args.longtail_prompts, 7)
         lt = dict(budgets_mean=sum(budgets) / len(budgets), budgets_max=max(budgets),
                   note="lognormal(median 120, sigma 0.9) lengths capped at max new tokens, EOS forced there (budget)")
         for refill in (True, False):
@@ -371,6 +395,12 @@ def main():
         lt["speedup"] = lt["continuous"]["tok_s"] / lt["static"]["tok_s"]
         results["longtail_ads_192"] = lt
         save()
+    if "chunks" in stages:
+        results["chunks_ads_192"] = chunks = time_chunks(models, *longtail_workload(2 * args.longtail_prompts, 8))
+        save()
+        for name in ("one_call", "call_per_chunk"):
+            rows.append((f"chunks {name.replace('_', ' ')}", chunks[name]))
+            print(rows[-1], flush=True)
     print(f"\n{'run':<20}{'batch':>6}{'ms/step':>9}{'decode tok/s':>14}{'e2e tok/s':>11}{'wall s':>8}{'prefill s':>10}"
           f"{'setup s':>9}{'peak GiB':>10}{'% roof':>8}")
     for name, r in rows:
