@@ -162,9 +162,10 @@ def scan_whole_rows(probs, u, piece=None):
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def time_engine(models, params, batch, prompts=None, budgets=None, keep_tokens=False, **options):
+def time_engine(models, params, batch, prompts=None, budgets=None, rows=None, keep_tokens=False, **options):
     """engine.generate over the workload; options: EngineOptions fields that differ from the defaults
-    (a variant: an older piece of the engine, or static batches).  keep_tokens: the tokens too."""
+    (a variant: an older piece of the engine, or static batches).  rows: the prompts' row ids, which
+    key the noise (default 0, 1, ...); keep_tokens: the tokens too."""
     prompts = prompts or random_prompts(batch, args.prompt_len, batch)
     budgets = budgets or [args.new] * len(prompts)
     torch.cuda.synchronize()
@@ -175,7 +176,8 @@ def time_engine(models, params, batch, prompts=None, budgets=None, keep_tokens=F
     if fresh:
         torch._dynamo.reset()
     start = time.perf_counter()
-    tokens, _ = engine.generate(models, prompts, list(range(len(prompts))), budgets, params, batch, options=opts)
+    rows = rows or list(range(len(prompts)))
+    tokens, _ = engine.generate(models, prompts, rows, budgets, params, batch, options=opts)
     if fresh:
         torch._dynamo.reset()
     wall = time.perf_counter() - start - timings["capture_s"]
@@ -204,7 +206,9 @@ def time_chunks(models, budgets, prompts, batch=192):
     every call ends by draining its batch) and all in one call (decode_chunks), ADS; the tokens must
     be the same."""
     size = 4 * batch
-    parts = [time_engine(models, ADS, batch, prompts=prompts[i:i + size], budgets=budgets[i:i + size], keep_tokens=True)
+    # each chunk's rows keep their ids, as gentraces' do: the noise is keyed on them
+    parts = [time_engine(models, ADS, batch, prompts=prompts[i:i + size], budgets=budgets[i:i + size],
+                         rows=list(range(i, i + len(prompts[i:i + size]))), keep_tokens=True)
              for i in range(0, len(prompts), size)]
     one = time_engine(models, ADS, batch, prompts=prompts, budgets=budgets, keep_tokens=True)
     same = [t for p in parts for t in p.pop("tokens")] == one.pop("tokens")
