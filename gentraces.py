@@ -269,9 +269,10 @@ def load_models(cfg, tokenizer, grads, checks, params, state):
 
 def run_fingerprint(cfg):
     """Chunks on disk are reused only by a run with the same generation-relevant config."""
-    keys = ("teacher", "proxy", "grad_path", "dtype", "data_split", "data_dir", "max_samples", "fewshot",
-            "system_prompt", "seed", "max_length", "max_prompt_length", "max_new_tokens", "tau", "lam", "eps",
-            "top_p", "top_k", "repetition_penalty", "ads_mode", "answer_force", "answer_force_tokens")
+    keys = ("teacher", "proxy", "tokenizer", "grad_path", "dtype", "proxy_dtype", "data_split", "data_dir",
+            "max_samples", "fewshot", "system_prompt", "seed", "max_length", "max_prompt_length", "max_new_tokens",
+            "tau", "lam", "eps", "fd_check", "fd_check_traces", "top_p", "top_k", "repetition_penalty", "ads_mode",
+            "ads_control", "answer_force", "answer_force_tokens", "token_details")
     # the chunk size too: chunk c of another size holds other rows
     blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, "chunk_rows": chunk_rows(cfg)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -324,7 +325,7 @@ def decode_chunks(models, chunks, which, cfg, params, progress, work):
 
     def on_done(i, tokens, ended):
         c = chunk_of[i]
-        pending[c][i - first[c]] = {"gen_ids": tokens, "finished": bool(ended)}
+        pending[c][i - first[c]] = {"idx": examples[i]["idx"], "gen_ids": tokens, "finished": bool(ended)}
         left[c] -= 1
         if left[c] == 0:
             utils.atomic_write_text(decoded_path(work, c), "".join(json.dumps(r) + "\n" for r in pending.pop(c)))
@@ -402,6 +403,14 @@ def decoded_path(work, c):
     return work / f"decoded{c:05d}.jsonl"
 
 
+def read_decoded(work, c, chunk):
+    """Chunk c's decoded rows, or None when there are none for exactly its prompts (not decoded yet,
+    or a file cut short)."""
+    path = decoded_path(work, c)
+    rows = utils.read_jsonl(path) if path.exists() else []
+    return rows if [r["idx"] for r in rows] == [ex["idx"] for ex in chunk] else None
+
+
 def generate_all(cfg, params, state, models, tokenizer, examples, marker, work):
     """Chunk c goes to process c % world.  This process decodes all of its chunks in one call, writing
     each chunk's tokens as soon as it is decoded, then builds each chunk's rows (answer forcing, token
@@ -410,15 +419,17 @@ def generate_all(cfg, params, state, models, tokenizer, examples, marker, work):
     chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
     mine = [c for c in range(len(chunks)) if c % state.num_processes == state.process_index]
     todo = [c for c in mine if not chunk_path(work, c).exists()]
-    undecoded = [c for c in todo if not decoded_path(work, c).exists()]
+    undecoded = [c for c in todo if read_decoded(work, c, chunks[c]) is None]
     progress = Progress(state, sum(len(chunks[c]) for c in mine), sum(len(chunks[c]) for c in mine if c not in undecoded))
     if undecoded:
         decode_chunks(models, chunks, undecoded, cfg, params, progress, work)
     progress.bar.close()
-    for c in todo:
-        rows = build_chunk(models, tokenizer, chunks[c], utils.read_jsonl(decoded_path(work, c)), marker, cfg, params)
+    from tqdm import tqdm
+    for c in tqdm(todo, desc=f"rows: answer forcing (rank {state.process_index})", unit="chunk",
+                  disable=not state.is_main_process or not todo, dynamic_ncols=True):
+        rows = build_chunk(models, tokenizer, chunks[c], read_decoded(work, c, chunks[c]), marker, cfg, params)
         utils.atomic_write_text(chunk_path(work, c), "".join(json.dumps(r) + "\n" for r in rows))
-        decoded_path(work, c).unlink()
+        decoded_path(work, c).unlink(missing_ok=True)  # the main process may have removed the folder already
     return len(chunks)
 
 

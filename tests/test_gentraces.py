@@ -330,14 +330,16 @@ def test_token_details_are_stored_for_the_first_prompts_and_stage_numbers_reach_
 
 def test_a_chunk_decoded_before_a_stop_is_not_decoded_again(untrained_assets, tmp_path):
     """Batch 1 makes chunks of 4 rows; the second run finds chunk 0 decoded (as a killed run leaves it,
-    here with no tokens) and decodes only chunk 1."""
+    here with no tokens) and chunk 1's file cut short, and decodes chunk 1 only."""
     run = dict(tau=0, max_samples=8, batch_size=1, system_prompt=tf.SYSTEM)
     gentraces.main(base_args(untrained_assets, tmp_path / "whole", **run))
     args = base_args(untrained_assets, tmp_path / "resumed", **run)
     work = tmp_path / "resumed" / "traces" / ".t.work"
     work.mkdir(parents=True)
     (work / "fingerprint").write_text(gentraces.run_fingerprint(gentraces.settings(args)))
-    (work / "decoded00000.jsonl").write_text((json.dumps({"gen_ids": [], "finished": False}) + "\n") * 4)
+    (work / "decoded00000.jsonl").write_text("".join(json.dumps({"idx": i, "gen_ids": [], "finished": False}) + "\n"
+                                                     for i in range(4)))
+    (work / "decoded00001.jsonl").write_text(json.dumps({"idx": 4, "gen_ids": [], "finished": False}) + "\n")  # cut
     gentraces.main(args)
     whole, resumed = load_rows(tmp_path / "whole"), load_rows(tmp_path / "resumed")
     assert [r["n_tokens"] for r in resumed[:4]] == [0] * 4 and all(r["n_tokens"] > 0 for r in whole[:4])
