@@ -135,12 +135,16 @@ def test_sampled_tokens_equal_generate_reference(teacher, proxies):
     assert got == want
 
 
+def ragged_request(teacher, proxies):
+    """models, params, prompts, rows and budgets of a request whose rows finish at different steps
+    (by EOS or budget), one with no budget."""
+    return (decode_models(teacher, proxies, eos_ids=(3, 9)), SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7),
+            ragged_prompts(9, seed=12), list(range(100, 109)), [5, 14, 3, 10, 0, 8, 12, 6, 9])
+
+
 @pytest.mark.parametrize("loop", ["engine", "reference"])
 def test_progress_reports_every_generated_token_and_finished_row_as_they_happen(loop, teacher, proxies):
-    models = decode_models(teacher, proxies, eos_ids=(3, 9))
-    params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)
-    prompts, rows = ragged_prompts(9, seed=12), list(range(100, 109))
-    max_new = [5, 14, 3, 10, 0, 8, 12, 6, 9]
+    models, params, prompts, rows, max_new = ragged_request(teacher, proxies)
     calls = []
     progress = lambda tokens, finished: calls.append((tokens, finished))  # noqa: E731
     if loop == "engine":
@@ -154,10 +158,7 @@ def test_progress_reports_every_generated_token_and_finished_row_as_they_happen(
 
 @pytest.mark.parametrize("loop", ["auto", "reference"])
 def test_on_done_hands_over_each_prompt_once_as_it_finishes_with_the_returned_tokens(loop, teacher, proxies):
-    models = decode_models(teacher, proxies, eos_ids=(3, 9))
-    params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)
-    prompts, rows = ragged_prompts(9, seed=12), list(range(100, 109))
-    max_new = [5, 14, 3, 10, 0, 8, 12, 6, 9]
+    models, params, prompts, rows, max_new = ragged_request(teacher, proxies)
     done, order = {}, []
 
     def on_done(i, tokens, ended):
