@@ -358,3 +358,28 @@ def test_work_of_a_run_with_another_chunk_size_is_not_reused(untrained_assets, t
     gentraces.main(base_args(untrained_assets, tmp_path, batch_size=2, **run))
     rows = load_rows(tmp_path)
     assert [r["idx"] for r in rows] == list(range(8)) and all(r["completion"] != "stale" for r in rows)
+
+
+def test_a_run_stopped_while_building_rows_resumes_without_decoding_again(untrained_assets, tmp_path, monkeypatch):
+    """Stopped after chunk 0's rows were written and while chunk 1's were built (all decoded): the
+    rerun builds chunk 1 from its decoded file and decodes nothing."""
+    run = dict(tau=0, max_samples=8, batch_size=1, system_prompt=tf.SYSTEM)
+    gentraces.main(base_args(untrained_assets, tmp_path / "whole", **run))
+    args = base_args(untrained_assets, tmp_path / "stopped", **run)
+    build, built = gentraces.build_chunk, []
+
+    def stop_at_second(*a, **k):
+        if built:
+            raise KeyboardInterrupt
+        built.append(1)
+        return build(*a, **k)
+    monkeypatch.setattr(gentraces, "build_chunk", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        gentraces.main(args)
+    work = tmp_path / "stopped" / "traces" / ".t.work"
+    assert sorted(p.name for p in work.glob("*.jsonl")) == ["chunk00000.jsonl", "decoded00001.jsonl"]
+    monkeypatch.setattr(gentraces, "build_chunk", build)
+    monkeypatch.setattr(gentraces, "decode_chunks", lambda *a, **k: pytest.fail("decoded again"))
+    gentraces.main(args)
+    whole, resumed = load_rows(tmp_path / "whole"), load_rows(tmp_path / "stopped")
+    assert [(r["completion"], r["forced"]) for r in resumed] == [(r["completion"], r["forced"]) for r in whole]
