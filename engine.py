@@ -408,9 +408,10 @@ def generate(models, prompts, rows, max_new, params, batch_size, progress=None, 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("engine.generate needs non-empty prompts")
     live = [i for i in range(len(prompts)) if max_new[i] > 0]
-    for i in range(len(prompts)):
-        if on_done and max_new[i] <= 0:
-            on_done(i, [], False)
+    if on_done:
+        for i in range(len(prompts)):
+            if max_new[i] <= 0:
+                on_done(i, [], False)
     if not live:
         return [[] for _ in prompts], [False] * len(prompts)
     start = time.perf_counter()

@@ -419,7 +419,8 @@ def generate_all(cfg, params, state, models, tokenizer, examples, marker, work):
     chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
     mine = [c for c in range(len(chunks)) if c % state.num_processes == state.process_index]
     todo = [c for c in mine if not chunk_path(work, c).exists()]
-    undecoded = [c for c in todo if read_decoded(work, c, chunks[c]) is None]
+    decoded = {c: read_decoded(work, c, chunks[c]) for c in todo}  # left by a stopped run
+    undecoded = [c for c in todo if decoded[c] is None]
     progress = Progress(state, sum(len(chunks[c]) for c in mine), sum(len(chunks[c]) for c in mine if c not in undecoded))
     if undecoded:
         decode_chunks(models, chunks, undecoded, cfg, params, progress, work)
@@ -427,7 +428,8 @@ def generate_all(cfg, params, state, models, tokenizer, examples, marker, work):
     from tqdm import tqdm
     for c in tqdm(todo, desc=f"rows: answer forcing (rank {state.process_index})", unit="chunk",
                   disable=not state.is_main_process or not todo, dynamic_ncols=True):
-        rows = build_chunk(models, tokenizer, chunks[c], read_decoded(work, c, chunks[c]), marker, cfg, params)
+        done = decoded[c] or read_decoded(work, c, chunks[c])
+        rows = build_chunk(models, tokenizer, chunks[c], done, marker, cfg, params)
         utils.atomic_write_text(chunk_path(work, c), "".join(json.dumps(r) + "\n" for r in rows))
         decoded_path(work, c).unlink(missing_ok=True)  # the main process may have removed the folder already
     return len(chunks)
