@@ -26,10 +26,10 @@ from typing import Callable
 import torch
 from transformers import AttentionInterface
 
-from engine_kernels import (ATTENTION_CONFIGS, HAVE_TRITON, MASS_CONFIGS, PREFILL_BACKENDS, ROW_PIECE, SEARCH_WAYS,
-                            ads_fd_score, attention_key, decode_attention, decode_attention_triton, gpu_ms, inverse_cdf, mass_above,
-                            mass_key, nucleus_probs, prefill_attention, sample_tokens, softmax_rows, triton_head_dim,
-                            tune)
+from engine_kernels import (ATTENTION_CONFIGS, HAVE_TRITON, PREFILL_BACKENDS, ROW_PIECE, SEARCH_WAY_CHOICES, SEARCH_WAYS,
+                            ads_fd_score, attention_key, decode_attention, decode_attention_triton, gpu_ms, inverse_cdf,
+                            nucleus_probs, prefill_attention, sample_tokens, softmax_rows, triton_head_dim,
+                            tune, tune_search)
 from sampling import ads_score, check_eps, fd_delta, permute_vocab, row_uniforms
 from stack import Prefill, Stack, decode_block, fusion_gap
 
@@ -53,6 +53,7 @@ class EngineOptions:
     prefill_tokens: int = 16384            # padded prompt tokens per prefill call (bounds activation memory)
     prefill_backends: tuple = PREFILL_BACKENDS  # SDPA kernels for prefill attention, in order of preference
     row_piece: int = ROW_PIECE             # width of the pieces of the sampler's row reductions and inverse CDF
+    search_ways: int = None                # thresholds per pass of the top-p search; None: tuned (GPU), else 16
     inverse_cdf: Callable = inverse_cdf    # the sampler's last step, (probs, u, piece) -> tokens
     softmax: Callable = softmax_rows       # the sampler's softmax, (scores, piece) -> probs
     fd_score: Callable = ads_fd_score      # the ADS score from the three models' logits (not under the permute control)
@@ -194,6 +195,7 @@ class Engine:
         # one spare column: a finished row keeps writing pads at column n_gen <= max_new
         self.out = torch.full((slots, max_new + 1), self.pad, dtype=torch.long, device=device)
         self.score = torch.zeros((slots, self.vocab), dtype=torch.float32, device=device)
+        self.search_ways = options.search_ways or SEARCH_WAYS
         self.graph = None
         self.compiled = "nothing"    # what capture() managed to compile
 
@@ -242,7 +244,7 @@ class Engine:
         return self.options.fd_score(logits[0], plus, minus, p.tau, p.lam, p.eps)
 
     def nucleus_of(self, scores, top_k, top_p, piece):
-        return nucleus_probs(scores, top_k, top_p, piece, self.options.softmax)
+        return nucleus_probs(scores, top_k, top_p, piece, self.options.softmax, self.search_ways)
 
     def pick(self, u):
         p = self.params
@@ -270,8 +272,8 @@ class Engine:
         self.score.copy_(self.scores_fn(self.decode_logits(feed, pos), self.row_id, self.n_gen))
 
     def tune(self):
-        """Pick the decode attention and top-p search layouts for this engine's shapes (TUNED),
-        timed on random data of those shapes."""
+        """Pick the decode attention and top-p search layouts, and the search's thresholds per pass,
+        for this engine's shapes (TUNED), timed on random data of those shapes."""
         if not HAVE_TRITON or self.device.type != "cuda" or self.vocab < TUNE_MIN_VOCAB:
             return
         for nets, stack in self.groups:
@@ -289,8 +291,9 @@ class Engine:
                  lambda c: decode_attention_triton(q, k, v, lengths, dim ** -0.5, c), self.options.tune_timer)
         if not self.params.greedy and self.params.top_p < 1.0:
             probs = torch.softmax(3 * torch.randn(self.slots, self.vocab, device=self.device), -1)
-            cand = probs.view(torch.int32)[:, :SEARCH_WAYS].sort(-1).values
-            tune(mass_key(probs), MASS_CONFIGS, lambda c: mass_above(probs, cand, c), self.options.tune_timer)
+            ways = self.options.search_ways
+            self.search_ways = tune_search(probs, self.params.top_p, self.options.tune_timer,
+                                           (ways,) if ways else SEARCH_WAY_CHOICES)
 
     def capture(self):
         """Record step() as one CUDA graph.  The warm-up runs compile the kernels on a side stream

@@ -12,6 +12,8 @@ transformers looks for a `kernels` package and would import that file in its pla
 
 Used by stack.py (the fused block stack) and engine.py.  Without Triton or a GPU the torch twins run.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -25,8 +27,9 @@ except ImportError:  # CPU machines: the torch twins are used instead
     triton = None
 HAVE_TRITON = triton is not None
 
-SEARCH_WAYS = 16          # thresholds tested per pass of the top-p search
-SEARCH_PASSES = 8         # 16**8 = 2**32 covers every float32 bit pattern
+SEARCH_WAYS = 16          # default thresholds tested per pass of the top-p search (the engine tunes it)
+SEARCH_WAY_CHOICES = (4, 8, 16, 32)
+SEARCH_BOUND_MIN = 1e-3   # smallest 1 - top_p for which the search starts from nucleus_lower_bound
 ROW_PIECE = 2048          # default vocabulary entries per program in the sampler's row reductions
 # prefill attention kernels, in order of preference.  cuDNN's is left out: with it the first prefill
 # in a process took 1.3 s longer on an H200, and later ones were no faster
@@ -38,6 +41,7 @@ PREFILL_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 TUNED = {}               # kernel key -> config, filled by engine.Engine.tune() before the step is recorded
 TUNED_BY = {}            # kernel key -> the timer's name that chose TUNED[key]
+TUNED_MS = {}            # kernel key -> milliseconds TUNED[key] took (absent if no layout was timed)
 TUNING_LOG = []          # what each tuning measured (benchmarks report it)
 TUNE_REPS = 10
 
@@ -91,6 +95,9 @@ def tune(key, configs, run, timer=gpu_ms):
             continue
     TUNED[key] = min(times, key=times.get) if times else configs[0]
     TUNED_BY[key] = timer.__name__
+    TUNED_MS.pop(key, None)
+    if times:
+        TUNED_MS[key] = times[TUNED[key]]
     TUNING_LOG.append(dict(key=str(key), timer=timer.__name__, chose=str(TUNED[key]),
                            ms={str(c): round(t, 4) for c, t in times.items()}))
 
@@ -375,16 +382,16 @@ MASS_CONFIGS = [MASS_DEFAULT, (4096, 256, 8, True), (2048, 512, 4, False), (2048
                 (2048, 256, 4, True), (4096, 512, 8, True), (2048, 256, 2, True), (1024, 512, 4, True)]
 
 
-def mass_key(probs):
-    """TUNED's key of a top-p search over probs."""
-    return ("mass", *probs.shape)
+def mass_key(probs, ways):
+    """TUNED's key of a top-p search pass over probs testing `ways` thresholds."""
+    return ("mass", *probs.shape, ways)
 
 
 def mass_above(probs, cand, config=None):
     """(B, W) sums of the probabilities whose float32 bit pattern exceeds each candidate.
     config: one of MASS_CONFIGS; default: the tuned one."""
     if probs.is_cuda and triton is not None:
-        chunk, sub, warps, column = config or TUNED.get(mass_key(probs), MASS_DEFAULT)
+        chunk, sub, warps, column = config or TUNED.get(mass_key(probs, cand.shape[1]), MASS_DEFAULT)
         chunks = triton.cdiv(probs.shape[1], chunk)
         part = torch.empty((probs.shape[0], chunks, cand.shape[1]), dtype=torch.float32, device=probs.device)
         _mass_above[(probs.shape[0], chunks)](probs, cand.contiguous(), part, probs.shape[1], probs.stride(0),
@@ -565,32 +572,79 @@ if triton is not None:
             tl.store(P + row.to(tl.int64) * vocab + idx, tl.exp(x - top) / total, mask=live)
 
 
-def nucleus_floor(probs, top_p, piece=ROW_PIECE):
+def nucleus_lower_bound(total, top_p, vocab):
+    """A float32 bit pattern below the nucleus floor of rows of `vocab` probabilities summing to
+    total (B, 1): the entries at or below c = (1 - top_p) / (2 vocab) times the total hold at most
+    half of the (1 - top_p) share outside the nucleus, so the mass above c is well over the target.
+    Where 1 - top_p is too small for that margin to dwarf float32 rounding, 0."""
+    if 1.0 - top_p < SEARCH_BOUND_MIN:
+        return torch.zeros_like(total, dtype=torch.int32)
+    return ((1.0 - top_p) / (2 * vocab) * total).view(torch.int32)
+
+
+def search_passes(ways, top_p, vocab):
+    """Passes of a `ways`-way search that close the bracket (nucleus_lower_bound, row max]: for
+    normal floats, bits(x) - bits(c x) <= (ceil(log2(1 / c)) + 1) * 2**23."""
+    if 1.0 - top_p < SEARCH_BOUND_MIN:
+        span = 2 ** 31
+    else:
+        span = (math.ceil(-math.log2((1.0 - top_p) / (2 * vocab))) + 1) << 23
+    passes = 0
+    while ways ** passes < span:
+        passes += 1
+    return passes
+
+
+def tune_search(probs, top_p, timer=gpu_ms, choices=SEARCH_WAY_CHOICES):
+    """The top-p search's thresholds per pass for rows like probs on this GPU, among choices: each
+    choice's pass layout is tuned, and the fewest milliseconds per search (passes x a pass) wins.
+    On an H200 a 16-way pass is bound by its compares, not by reading the row."""
+    key = ("search", *probs.shape, top_p, tuple(choices))
+    if key in TUNED and TUNED_BY.get(key) == timer.__name__:
+        return TUNED[key]
+    per_search = {}
+    for ways in choices:
+        cand = probs.view(torch.int32)[:, :ways].sort(-1).values
+        tune(mass_key(probs, ways), MASS_CONFIGS, lambda c: mass_above(probs, cand, c), timer)
+        if mass_key(probs, ways) in TUNED_MS:
+            per_search[ways] = search_passes(ways, top_p, probs.shape[-1]) * TUNED_MS[mass_key(probs, ways)]
+    TUNED[key] = min(per_search, key=per_search.get) if per_search else SEARCH_WAYS
+    TUNED_BY[key] = timer.__name__
+    TUNING_LOG.append(dict(key=str(key), timer=timer.__name__, chose=str(TUNED[key]),
+                           ms={str(w): round(t, 4) for w, t in per_search.items()}))
+    return TUNED[key]
+
+
+def nucleus_floor(probs, top_p, piece=ROW_PIECE, ways=SEARCH_WAYS):
     """Bit pattern `lo` such that the nucleus is exactly {i : bits(probs[i]) > lo}.
 
     A token is in the nucleus when the mass of strictly more probable tokens is < top_p * total
-    (sampling.filter_top_k_top_p); that mass only grows as the threshold falls, and non-negative
-    float32 values order like their bit patterns, so a 16-way search over the 2**31 patterns finds
-    the exact boundary in 8 passes over the row, without sorting."""
-    target = top_p * row_sum(probs, piece)
-    lo = torch.zeros_like(probs[:, :1], dtype=torch.int32)           # mass above 0 is >= target
+    (sampling.filter_top_k_top_p); that mass only grows as the threshold falls (also as rounded:
+    each addition is monotone), and non-negative float32 values order like their bit patterns, so a
+    `ways`-way search over the patterns between nucleus_lower_bound and the row's max finds the
+    exact boundary in search_passes passes over the row, without sorting.  More ways are fewer
+    passes of more work each; the engine times each choice on its GPU (SEARCH_WAY_CHOICES)."""
+    total = row_sum(probs, piece)
+    target = top_p * total
+    lo = nucleus_lower_bound(total, top_p, probs.shape[-1])          # mass above it is >= target
     hi = row_max(probs.view(torch.int32), 0, piece)                  # mass above the max is 0
-    ways = torch.arange(1, SEARCH_WAYS + 1, dtype=torch.int32, device=probs.device)
-    for _ in range(SEARCH_PASSES):
-        step = (hi - lo + SEARCH_WAYS - 1) // SEARCH_WAYS
-        cand = torch.minimum(lo + step * ways, hi)
+    steps = torch.arange(1, ways + 1, dtype=torch.int32, device=probs.device)
+    for _ in range(search_passes(ways, top_p, probs.shape[-1])):
+        step = (hi - lo + ways - 1) // ways
+        cand = torch.minimum(lo + step * steps, hi)
         inside = mass_above(probs, cand) < target
         hi = torch.where(inside, cand, hi).amin(-1, keepdim=True)
         lo = torch.where(inside, lo, cand).amax(-1, keepdim=True)
     return lo
 
 
-def nucleus_probs(scores, top_k=0, top_p=1.0, piece=ROW_PIECE, softmax=softmax_rows):
+def nucleus_probs(scores, top_k=0, top_p=1.0, piece=ROW_PIECE, softmax=softmax_rows, ways=SEARCH_WAYS):
     """softmax(scores) with the tokens outside top-k and the nucleus zeroed; row reductions over
-    piece-wide pieces.  softmax: softmax_rows, or softmax_rows_torch (a benchmark's variant)."""
+    piece-wide pieces.  softmax: softmax_rows, or softmax_rows_torch (a benchmark's variant); ways:
+    the top-p search's thresholds per pass."""
     probs = filter_top_k_top_p(softmax(scores, piece), top_k, 1.0)
     if top_p < 1.0:
-        probs = torch.where(probs.view(torch.int32) > nucleus_floor(probs, top_p, piece), probs, 0.0)
+        probs = torch.where(probs.view(torch.int32) > nucleus_floor(probs, top_p, piece, ways), probs, 0.0)
     return probs
 
 

@@ -297,6 +297,57 @@ def test_sort_free_sampler_equals_sampling_py(top_k, top_p):
     assert torch.equal(engine_kernels.sample_tokens(scores, u, top_k, top_p), sample_from_scores(scores, u, top_k, top_p))
 
 
+def nucleus_test_rows(vocab, seed):
+    """Probability rows a top-p search can get wrong: peaked and flat ones, exact ties, one token
+    with nearly all the mass, a flat row (every entry at the floor) and one with zeros."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(12, vocab, generator=g) * torch.tensor([0.1, 1, 3, 8, 20, 1, 1, 3, 0, 40, 2, 5])[:, None]
+    scores[5:8] = (scores[5:8] * 2).round() / 2
+    probs = torch.softmax(scores, -1)
+    probs[10, vocab // 2:] = 0.0
+    probs[11] *= 1e-3  # top-k'd rows need not sum to 1
+    return probs
+
+
+@pytest.mark.parametrize("ways", engine_kernels.SEARCH_WAY_CHOICES)
+@pytest.mark.parametrize("top_p", [0.95, 0.5, 0.999, 0.01])
+def test_top_p_search_keeps_the_sorted_nucleus_exactly_for_every_way_count(ways, top_p):
+    probs = nucleus_test_rows(3000, seed=ways)
+    floor = engine_kernels.nucleus_floor(probs, top_p, ways=ways)
+    assert torch.equal(probs.view(torch.int32) > floor, filter_top_k_top_p(probs, 0, top_p) > 0)
+
+
+@pytest.mark.parametrize("ways", engine_kernels.SEARCH_WAY_CHOICES)
+@pytest.mark.parametrize("top_p", [0.95, 0.999, 0.9999, 0.999999])
+def test_top_p_search_finds_the_exact_boundary_of_its_own_sums_with_or_without_the_lower_bound(ways, top_p):
+    # this close to 1 the sorted cumsum and the search's sums can round a tail token differently,
+    # so the search is held to its own definition: the highest row value (or 0) whose mass above
+    # reaches the target, found by trying every one
+    probs = nucleus_test_rows(800, seed=ways)
+    target = top_p * engine_kernels.row_sum(probs)
+    for row, p in enumerate(probs):
+        bits = p.view(torch.int32)
+        cand = torch.cat([torch.zeros(1, dtype=torch.int32), bits.unique()])
+        mass = engine_kernels.mass_above(p.expand(len(cand), -1), cand[:, None])[:, 0]
+        want = cand[mass >= target[row]].max()
+        floor = engine_kernels.nucleus_floor(p[None], top_p, ways=ways)
+        assert torch.equal(bits > floor[0], bits > want), row
+
+
+@pytest.mark.parametrize("ways", engine_kernels.SEARCH_WAY_CHOICES)
+@pytest.mark.parametrize("top_p", [0.95, 0.5, 0.99, 0.9999])
+def test_top_p_search_passes_close_the_bracket_from_the_lower_bound_to_any_row_max(ways, top_p):
+    vocab = 151665
+    passes = engine_kernels.search_passes(ways, top_p, vocab)
+    for total in (1.0, 0.37, 1e-3, 2.0 ** -20):
+        total = torch.tensor([[total]])
+        lo = engine_kernels.nucleus_lower_bound(total, top_p, vocab)
+        span = int(total.view(torch.int32)) - int(lo)   # the row's max is at most its total
+        assert ways ** passes >= span and int(lo) >= 0
+    if top_p <= 0.99:  # the bound is worth a pass: 16 ways need 7 passes, not the 8 of the whole range
+        assert engine_kernels.search_passes(16, top_p, vocab) <= 7
+
+
 def test_row_reductions_in_pieces_equal_whole_row_ones_and_sample_the_same_tokens():
     g = torch.Generator().manual_seed(3)
     scores = torch.randn(16, 5000, generator=g) * 4  # 3 pieces of 2048, the last one padded
@@ -352,10 +403,10 @@ def test_jvp_mode_is_refused_by_the_engine_and_decoded_by_the_reference_loop_wit
     assert got == (want_a[0] + want_b[0], want_a[1] + want_b[1])
 
 
-def test_the_benchmarks_sampler_options_reach_the_sampler(teacher, proxies):
-    """EngineOptions.row_piece, .inverse_cdf and .softmax (the benchmark's wholerows, wholescan and
-    piecesoftmax variants) are what the step samples with, in place of the module constants the
-    benchmark used to patch."""
+def test_the_benchmarks_sampler_options_reach_the_sampler(teacher, proxies, monkeypatch):
+    """EngineOptions.row_piece, .inverse_cdf, .softmax and .search_ways (the benchmark's wholerows,
+    wholescan, piecesoftmax and ways16 variants) are what the step samples with, in place of the
+    module constants the benchmark used to patch."""
     models = decode_models(teacher, proxies, eos_ids=(3, 9))
     params = SamplingParams(tau=0.8, lam=0.3, top_p=0.95, seed=7)
     prompts, rows, max_new = ragged_prompts(4, seed=12), list(range(4)), [5, 3, 6, 4]
@@ -372,9 +423,17 @@ def test_the_benchmarks_sampler_options_reach_the_sampler(teacher, proxies):
         softmaxes.append(piece)
         return torch.softmax(scores.float(), -1)
 
-    options = EngineOptions(row_piece=16, inverse_cdf=whole_row_scan, softmax=plain_softmax)
+    searches = []
+    search = engine_kernels.nucleus_floor
+
+    def counted_search(probs, top_p, piece, ways):
+        searches.append(ways)
+        return search(probs, top_p, piece, ways)
+
+    monkeypatch.setattr(engine_kernels, "nucleus_floor", counted_search)
+    options = EngineOptions(row_piece=16, inverse_cdf=whole_row_scan, softmax=plain_softmax, search_ways=4)
     got = engine.generate(models, prompts, rows, max_new, params, batch_size=2, options=options)
-    assert pieces and set(pieces) == {16} and softmaxes
+    assert pieces and set(pieces) == {16} and softmaxes and set(searches) == {4}
     assert got == generate_reference(models, prompts, rows, max_new, params)
 
 
@@ -434,6 +493,37 @@ def test_tuning_keeps_the_fastest_layout_whose_output_matches_the_default():
         engine_kernels.TUNED_BY.pop(key, None)
 
 
+def test_search_tuning_picks_the_way_count_of_the_fewest_milliseconds_per_search():
+    """A pass's cost grows with its thresholds, the passes fall with them: the product decides.
+    Here a stand-in timer reports a cost per pass by the thresholds the pass tested."""
+    probs = torch.softmax(torch.randn(4, 3000) * 3, -1)
+    per_pass = {4: 1.0, 8: 1.2, 16: 2.5, 32: 6.0}
+
+    def timer(fn):
+        return per_pass[fn().shape[1]]
+
+    def per_search(ways):
+        return engine_kernels.search_passes(ways, 0.95, 3000) * per_pass[ways]
+
+    def fails(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    choices = engine_kernels.SEARCH_WAY_CHOICES
+    keys = [("search", 4, 3000, 0.95, choices), ("search", 4, 3000, 0.95, (32,))]
+    keys += [engine_kernels.mass_key(probs, w) for w in choices]
+    try:
+        assert engine_kernels.tune_search(probs, 0.95, timer) == min(per_pass, key=per_search)
+        assert engine_kernels.TUNING_LOG[-1]["key"] == str(keys[0])
+        assert engine_kernels.tune_search(probs, 0.95, timer, (32,)) == 32  # one choice: its layout tuned
+        assert engine_kernels.TUNED[engine_kernels.mass_key(probs, 32)] in engine_kernels.MASS_CONFIGS
+        assert engine_kernels.tune_search(probs, 0.95, fails) == engine_kernels.SEARCH_WAYS  # nothing timed
+    finally:
+        for key in keys:
+            engine_kernels.TUNED.pop(key, None)
+            engine_kernels.TUNED_BY.pop(key, None)
+            engine_kernels.TUNED_MS.pop(key, None)
+
+
 KERNEL_CHECK = """
 import torch, engine_kernels
 torch.manual_seed(0)
@@ -459,6 +549,10 @@ for cand in (bits[:, :16].sort(-1).values, middle + 7 * torch.arange(16, dtype=t
         part = torch.empty(4, n, 16)
         engine_kernels._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=16, CHUNK=chunk, SUB=sub, COLUMN=column)
         assert torch.allclose(part.sum(1), want, atol=1e-5), (chunk, sub, column)
+for ways in (4, 8, 32):  # the search's other thresholds per pass
+    cand = bits[:, :ways].sort(-1).values.contiguous()
+    want = torch.stack([torch.where(bits > c[:, None], probs, 0.).sum(-1) for c in cand.unbind(-1)], -1)
+    assert torch.allclose(engine_kernels.mass_above(probs, cand), want, atol=1e-5), ways
 # the sampler's two-pass softmax: a last chunk cut short by the row's end, -inf entries, a row that
 # is -inf but for one entry
 scores = torch.randn(4, 9000) * 5
