@@ -58,7 +58,8 @@ class EngineOptions:
     search_ways: int = None                # thresholds per pass of the top-p search; None: tuned (GPU), else 16
     inverse_cdf: Callable = inverse_cdf    # the sampler's last step, (probs, u, piece) -> tokens
     softmax: Callable = softmax_rows       # the sampler's softmax, (scores, piece) -> probs
-    fd_score: Callable = ads_fd_score      # the ADS score from the three models' logits (not under the permute control)
+    fd_score: Callable = ads_fd_score      # the ADS score from the three models' logits, written into its last
+    #                                        argument if given (not under the permute control)
     tune_timer: Callable = gpu_ms          # how kernel layouts are timed when tuned (launch_ms: the old eager timing)
     timings: dict = None                   # if a dict: receives capture_s (re-lay, tuning, compile, capture),
     #                                        compiled, prefill_s, decode_s and steps (device syncs around prefill)
@@ -234,17 +235,19 @@ class Engine:
             logits.append(out.logits[:, -1, :self.vocab])
         return logits
 
-    def scores_of(self, logits, rows, steps):
-        """Scores for each slot's next token; rows and steps (tokens kept so far) key the control's
-        permutation exactly as decode.generate_reference does."""
+    def scores_of(self, logits, rows, steps, out=None):
+        """Scores for each slot's next token (written into out if given); rows and steps (tokens kept
+        so far) key the control's permutation exactly as decode.generate_reference does."""
         p = self.params
         if p.greedy:
-            return logits[0].float()
-        if p.uses_proxy and p.control == "permute":
+            score = logits[0].float()
+        elif p.uses_proxy and p.control == "permute":
             delta = permute_vocab(fd_delta(logits[1], logits[2], p.eps), p.seed, rows, steps)
-            return ads_score(logits[0], delta, p.tau, p.lam)
-        plus, minus = logits[1:3] if p.uses_proxy else (None, None)
-        return self.options.fd_score(logits[0], plus, minus, p.tau, p.lam, p.eps)
+            score = ads_score(logits[0], delta, p.tau, p.lam)
+        else:
+            plus, minus = logits[1:3] if p.uses_proxy else (None, None)
+            return self.options.fd_score(logits[0], plus, minus, p.tau, p.lam, p.eps, out)
+        return score if out is None else out.copy_(score)
 
     def nucleus_of(self, scores, top_k, top_p, piece):
         return nucleus_probs(scores, top_k, top_p, piece, self.options.softmax, self.search_ways)
@@ -272,7 +275,7 @@ class Engine:
     def step(self):
         """Sample every slot's next token from the stored scores, book it, feed it to the models."""
         feed, pos = self.book_fn(self.pick(self.uniforms_fn(self.params.seed, self.row_id, self.n_gen)))
-        self.score.copy_(self.scores_fn(self.decode_logits(feed, pos), self.row_id, self.n_gen))
+        self.scores_fn(self.decode_logits(feed, pos), self.row_id, self.n_gen, self.score)
 
     def tune(self):
         """Pick the decode attention and top-p search layouts, and the search's thresholds per pass,

@@ -146,7 +146,8 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, scale):
 ATTENTION_DEFAULT = (128, 64, 4, 3)
 ATTENTION_CONFIGS = [ATTENTION_DEFAULT, (64, 64, 4, 3), (256, 64, 4, 3), (256, 128, 8, 3), (128, 32, 4, 3),
                      (128, 128, 8, 2), (512, 64, 4, 3), (256, 64, 8, 4), (32, 32, 4, 2), (1024, 64, 4, 3),
-                     (512, 64, 8, 3), (512, 128, 8, 3)]
+                     (512, 64, 8, 3), (512, 128, 8, 3), (1024, 64, 8, 3), (1024, 32, 4, 4), (2048, 64, 4, 3),
+                     (4096, 64, 4, 3)]   # a split as long as the cache: no merge
 
 
 def attention_key(q, k_cache):
@@ -173,19 +174,20 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None, ro
     acc = torch.empty((n, kv_heads, splits, group, dim), dtype=torch.float32, device=q.device)
     top = torch.empty((n, kv_heads, splits, group), dtype=torch.float32, device=q.device)
     total = torch.empty_like(top)
+    out = torch.empty((n, heads, dim), dtype=q.dtype, device=q.device)
     _, bias, cos, sin = rope or (None, None, None, None)
     _split_decode_attention[(n, kv_heads, splits)](
-        q, k_cache, v_cache, lengths, acc, top, total,
+        q, k_cache, v_cache, lengths, acc, top, total, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), scale,
         bias.contiguous() if bias is not None else None, cos.contiguous() if rope else None,
         sin.contiguous() if rope else None, cos.shape[0] if rope else 1,
         GROUP=group, PADDED=padded, DIM=dim, BLOCK_N=block, SPLIT=split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None, HAS_BIAS=bias is not None,
-        num_warps=warps, num_stages=stages)
-    out = torch.empty((n, heads, dim), dtype=q.dtype, device=q.device)
-    _merge_splits[(n, kv_heads)](acc, top, total, lengths, out, out.stride(0), out.stride(1),
-                                 SPLITS=splits, SPLIT=split, GROUP=group, PADDED=padded, DIM=dim)
+        DIRECT=splits == 1, num_warps=warps, num_stages=stages)
+    if splits > 1:  # one split a row (a layout whose split covers the cache) writes the output itself
+        _merge_splits[(n, kv_heads)](acc, top, total, lengths, out, out.stride(0), out.stride(1),
+                                     SPLITS=splits, SPLIT=split, GROUP=group, PADDED=padded, DIM=dim)
     return out
 
 
@@ -241,12 +243,12 @@ if triton is not None:
         return x * cos + tl.where(d < HALF, -xp, xp) * sin
 
     @triton.jit
-    def _split_decode_attention(Q, K, V, Lens, Acc, Top, Total,
-                                sqb, sqh, skb, skh, skn, svb, svh, svn, scale: tl.constexpr,
+    def _split_decode_attention(Q, K, V, Lens, Acc, Top, Total, Out,
+                                sqb, sqh, skb, skh, skn, svb, svh, svn, sob, soh, scale: tl.constexpr,
                                 Bias, Cos, Sin, rows_per_model,
                                 GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                                ROPE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                                ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(Lens + b).to(tl.int32)
         start = s * SPLIT
@@ -309,10 +311,14 @@ if triton is not None:
                 l = l * alpha + p
                 acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)
                 m = m_new
-        o = (b * tl.num_programs(1) + h) * tl.num_programs(2) + s
-        tl.store(Acc + (o * GROUP + g)[:, None] * DIM + d[None, :], acc, mask=real[:, None])
-        tl.store(Top + o * GROUP + g, m, mask=real)
-        tl.store(Total + o * GROUP + g, l, mask=real)
+        if DIRECT:  # the only split: no partials to merge
+            tl.store(Out + b * sob + (h * GROUP + g)[:, None] * soh + d[None, :],
+                     (acc / l[:, None]).to(Out.dtype.element_ty), mask=real[:, None])
+        else:
+            o = (b * tl.num_programs(1) + h) * tl.num_programs(2) + s
+            tl.store(Acc + (o * GROUP + g)[:, None] * DIM + d[None, :], acc, mask=real[:, None])
+            tl.store(Top + o * GROUP + g, m, mask=real)
+            tl.store(Total + o * GROUP + g, l, mask=real)
 
     @triton.jit
     def _merge_splits(Acc, Top, Total, Lens, Out, sob, soh, SPLITS: tl.constexpr, SPLIT: tl.constexpr,
@@ -584,23 +590,40 @@ def row_max_sumexp(x, chunk=SOFTMAX_CHUNK):
     return top, (part[1] * torch.exp(part[0] - top)).sum(-1, keepdim=True)
 
 
-def ads_fd_score(z_teacher, z_plus, z_minus, tau, lam, eps):
+def ads_fd_score(z_teacher, z_plus, z_minus, tau, lam, eps, out=None):
     """sampling.ads_score(z_teacher, sampling.fd_delta(z_plus, z_minus, eps), tau, lam) for logits
-    (B, V) (z_plus, z_minus None: lam = 0): on GPU the three log-softmaxes' row statistics in one
-    Triton pass each and the score in one more, with torch's order of operations; left to Inductor
-    they took 0.40 ms per step for 192 rows of 151,665, whose memory traffic takes about 0.12 ms
-    (bench/results/h200_attention_to_row_length_73bd4a3.log)."""
+    (B, V) (z_plus, z_minus None: lam = 0), written into out if given: on GPU the three
+    log-softmaxes' row statistics in one Triton pass each and the score in one more, with torch's
+    order of operations; left to Inductor they took 0.40 ms per step for 192 rows of 151,665, whose
+    memory traffic takes about 0.12 ms (bench/results/h200_attention_to_row_length_73bd4a3.log)."""
     if z_teacher.is_cuda and triton is not None:
-        return ads_fd_score_triton(z_teacher, z_plus, z_minus, tau, lam, eps)
-    return ads_fd_score_torch(z_teacher, z_plus, z_minus, tau, lam, eps)
+        if out is None:
+            return ads_fd_score_triton(z_teacher, z_plus, z_minus, tau, lam, eps)
+        fd_score_into(z_teacher, z_plus, z_minus, tau, lam, eps, out)
+        return out
+    return ads_fd_score_torch(z_teacher, z_plus, z_minus, tau, lam, eps, out)
 
 
-def ads_fd_score_torch(z_teacher, z_plus, z_minus, tau, lam, eps):
+def ads_fd_score_torch(z_teacher, z_plus, z_minus, tau, lam, eps, out=None):
     delta = fd_delta(z_plus, z_minus, eps) if z_plus is not None and lam != 0 else None
-    return ads_score(z_teacher, delta, tau, lam)
+    score = ads_score(z_teacher, delta, tau, lam)
+    return score if out is None else out.copy_(score)
 
 
-def ads_fd_score_triton(z_teacher, z_plus, z_minus, tau, lam, eps):
+@torch.library.custom_op("ads::fd_score_into", mutates_args=("out",))
+def fd_score_into(z_teacher: torch.Tensor, z_plus: Optional[torch.Tensor], z_minus: Optional[torch.Tensor], tau: float,
+                  lam: float, eps: float, out: torch.Tensor) -> None:
+    """ads_fd_score_triton straight into out: a custom op that says it writes out, so the compiled
+    score neither copies its result into the engine's score buffer nor clones that buffer."""
+    ads_fd_score_triton(z_teacher, z_plus, z_minus, tau, lam, eps, out)
+
+
+@fd_score_into.register_fake
+def _(z_teacher, z_plus, z_minus, tau, lam, eps, out):
+    return None
+
+
+def ads_fd_score_triton(z_teacher, z_plus, z_minus, tau, lam, eps, out=None):
     proxies = z_plus is not None and lam != 0
     B, V = z_teacher.shape
     stats = [row_max_sumexp(z) for z in ((z_teacher, z_plus, z_minus) if proxies else (z_teacher,))]
@@ -609,17 +632,17 @@ def ads_fd_score_triton(z_teacher, z_plus, z_minus, tau, lam, eps):
     log_total = torch.cat([torch.log(s) for _, s in stats] + [torch.zeros_like(stats[0][1])] * (3 - len(stats)),
                           -1).contiguous()
     plus, minus = (z_plus, z_minus) if proxies else (z_teacher, z_teacher)
-    out = torch.empty((B, V), dtype=torch.float32, device=z_teacher.device)
+    out = torch.empty((B, V), dtype=torch.float32, device=z_teacher.device) if out is None else out
     block = 2048
     _fd_score[(B, triton.cdiv(V, block))](z_teacher, plus, minus, top, log_total, out, V, z_teacher.stride(0),
-                                         plus.stride(0), minus.stride(0), 1.0 / tau, lam, 2 * eps,
+                                         plus.stride(0), minus.stride(0), out.stride(0), 1.0 / tau, lam, 2 * eps,
                                          PROXIES=proxies, BLOCK=block, num_warps=8)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _fd_score(ZT, ZP, ZM, Top, LogTotal, Out, vocab, st, sp, sm, inv_tau, lam, two_eps,
+    def _fd_score(ZT, ZP, ZM, Top, LogTotal, Out, vocab, st, sp, sm, so, inv_tau, lam, two_eps,
                   PROXIES: tl.constexpr, BLOCK: tl.constexpr):
         """Out = log_softmax(ZT) / tau (+ lam (log_softmax(ZP) - log_softmax(ZM)) / (2 eps)) for one
         row block, each log_softmax as (z - max) - log(sum), in float32."""
@@ -635,7 +658,7 @@ if triton is not None:
             lp = (zp - tl.load(Top + row * 3 + 1)) - tl.load(LogTotal + row * 3 + 1)
             lm = (zm - tl.load(Top + row * 3 + 2)) - tl.load(LogTotal + row * 3 + 2)
             score = score + lam * ((lp - lm) / two_eps)
-        tl.store(Out + r * vocab + idx, score, mask=live)
+        tl.store(Out + r * so + idx, score, mask=live)
 
     @triton.jit
     def _chunk_max_sumexp(S, Part, vocab, stride, chunks, plane, CHUNK: tl.constexpr, BLOCK: tl.constexpr):

@@ -570,7 +570,7 @@ for heads, lengths, with_bias in ((6, [1, 130, 300, 64], True), (14, [128, 257, 
     lengths = torch.tensor(lengths)
     kw, vw = kc.clone(), vc.clone()
     b = engine_kernels.rotary_decode_attention_torch(qkv, bias, cos, sin, lengths, kw, vw, heads, 0.17)
-    for config in engine_kernels.ATTENTION_CONFIGS[:4]:
+    for config in engine_kernels.ATTENTION_CONFIGS[:4] + [(1024, 64, 4, 3)]:  # splits, and one split
         kt, vt = kc.clone(), vc.clone()
         a = engine_kernels.decode_attention_triton(qkv, kt, vt, lengths, 0.17, config, rope=(heads, bias, cos, sin))
         assert ((a - b).norm() / b.norm()) < 1e-5, (heads, config)
@@ -607,6 +607,9 @@ for lam in (0.3, 0.0):
     want = engine_kernels.ads_fd_score_torch(zt, zp, zm, 0.8, lam, 0.01)
     got = engine_kernels.ads_fd_score_triton(zt, zp, zm, 0.8, lam, 0.01)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-3), lam
+    into = torch.zeros(4, 9100)  # written in place, rows wider than the vocabulary
+    engine_kernels.ads_fd_score_triton(zt, zp, zm, 0.8, lam, 0.01, into[:, :9000])
+    assert torch.allclose(into[:, :9000], want, rtol=1e-5, atol=1e-3) and not into[:, 9000:].any(), lam
 # the prefill's elementwise kernels against the torch ops they replace (float32: the interpreter
 # truncates float32 -> bfloat16 where the GPU rounds to nearest, so bfloat16 is checked on the GPU)
 x, y, w = torch.randn(2, 5, 48), torch.randn(2, 5, 48), torch.randn(2, 48)
