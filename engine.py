@@ -50,8 +50,6 @@ class EngineOptions:
     fused: bool = True                     # decode Llama/Qwen2-form models through stack.Stack (off: HF modules)
     fused_prefill: bool = True             # prefill through the Stack too (off: HF modules)
     stack_models: bool = True              # models of one config in one Stack (off: a Stack each, plain matmuls)
-    rope_in_attention: bool = True         # Stack decode: the attention kernel adds the q/k/v bias, rotates and writes
-    #                                        K/V (off: Inductor's two fused kernels for that work before it)
     prefill_tokens: int = 16384            # padded prompt tokens per prefill call (bounds activation memory)
     prefill_backends: tuple = PREFILL_BACKENDS  # SDPA kernels for prefill attention, in order of preference
     row_piece: int = ROW_PIECE             # width of the pieces of the sampler's row reductions and inverse CDF
@@ -179,8 +177,7 @@ class Engine:
         for nets in [[models.teacher]] + ([[models.plus, models.minus]] if params.uses_proxy else []):
             together = fusion_gap(nets) is None and options.stack_models
             for part in [nets] if together else [[net] for net in nets]:
-                stack = (Stack(part, slots, max_len, options.rope_in_attention) if options.fused and fusion_gap(part) is None
-                         else None)
+                stack = Stack(part, slots, max_len) if options.fused and fusion_gap(part) is None else None
                 if stack is None:
                     for net in part:
                         attach_slot_caches(net, slots, max_len)

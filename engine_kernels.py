@@ -2,9 +2,8 @@
 tests compare it with), and the tuning that picks each Triton kernel's layout. (Not named kernels.py:
 transformers looks for a `kernels` package and would import that file in its place.)
 
-- decode attention: a split-K Triton kernel over static slot caches (torch twin: masked attention),
-  which in the fused block stack also adds the q/k/v bias, rotates q and k and writes the token's K/V
-  (rotary_decode_attention, a custom op); prefill attention through SDPA;
+- decode attention: a split-K Triton kernel over static slot caches (torch twin: masked attention);
+  prefill attention through SDPA;
 - a block's elementwise work: residual add + RMSNorm, rotary, SiLU(gate) x up (torch twins: the ops
   Hugging Face's Llama/Qwen2 modules run);
 - sort-free top-k/top-p sampling over the full vocabulary: row reductions in pieces, a many-way search
@@ -155,130 +154,60 @@ def attention_key(q, k_cache):
     return ("attention", *q.shape, *k_cache.shape[1:], q.dtype)
 
 
-def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None, rope=None):
+def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
     """Flash-decoding: programs over (row, kv head, key split) each read only filled positions and
-    keep a partial softmax; the splits are merged here.  Graph-safe: lengths stay on the device.
-    config: (keys per program, keys per iteration, warps, stages); default: the tuned one.
-    rope: None, or (heads, bias, cos, sin) when q is the token's un-rotated q/k/v projection (n,
-    heads + 2 kv_heads, dim) before its bias (None or (models, width)): then the kernel adds the
-    bias, rotates q and k (cos, sin: (n / models, dim)) and writes k and v at lengths - 1, as
-    rotary_decode_attention_torch does, so that work is no kernel of its own."""
+    keep a partial softmax; the splits are merged here, unless the layout's split covers the whole
+    cache (one split a row), whose programs write the output themselves.  Graph-safe: lengths stay
+    on the device.  config: (keys per program, keys per iteration, warps, stages); default: the tuned one."""
     q = q.contiguous()  # the kernel assumes unit stride along dim
-    n, heads, dim = q.shape if rope is None else (q.shape[0], rope[0], q.shape[2])
+    n, heads, dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     padded = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
-    split, block, warps, stages = config or TUNED.get(attention_key(q[:, :heads], k_cache), ATTENTION_DEFAULT)
+    split, block, warps, stages = config or TUNED.get(attention_key(q, k_cache), ATTENTION_DEFAULT)
     splits = triton.cdiv(max_len, split)
     # partial results of the real query heads only (7 of the 16 rows a 7-head group is padded to)
     acc = torch.empty((n, kv_heads, splits, group, dim), dtype=torch.float32, device=q.device)
     top = torch.empty((n, kv_heads, splits, group), dtype=torch.float32, device=q.device)
     total = torch.empty_like(top)
-    out = torch.empty((n, heads, dim), dtype=q.dtype, device=q.device)
-    _, bias, cos, sin = rope or (None, None, None, None)
+    out = torch.empty_like(q)
     _split_decode_attention[(n, kv_heads, splits)](
         q, k_cache, v_cache, lengths, acc, top, total, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), scale,
-        bias.contiguous() if bias is not None else None, cos.contiguous() if rope else None,
-        sin.contiguous() if rope else None, cos.shape[0] if rope else 1,
         GROUP=group, PADDED=padded, DIM=dim, BLOCK_N=block, SPLIT=split,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None, HAS_BIAS=bias is not None,
-        DIRECT=splits == 1, num_warps=warps, num_stages=stages)
-    if splits > 1:  # one split a row (a layout whose split covers the cache) writes the output itself
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DIRECT=splits == 1,
+        num_warps=warps, num_stages=stages)
+    if splits > 1:
         _merge_splits[(n, kv_heads)](acc, top, total, lengths, out, out.stride(0), out.stride(1),
                                      SPLITS=splits, SPLIT=split, GROUP=group, PADDED=padded, DIM=dim)
     return out
 
 
-def rope_head_dim(d):
-    """Head sizes the rotary-folding decode kernel takes (the attention kernel's, from 32 up)."""
-    return triton_head_dim(d) and d >= 32
-
-
-def rotary_decode_attention_torch(qkv, bias, cos, sin, lengths, k_cache, v_cache, heads, scale):
-    """The token's q/k/v projection qkv (n, heads + 2 kv_heads, dim) plus its bias (per model, or
-    None), q and k rotated (cos, sin: (n / models, dim)), k and v written into row r of the caches
-    at lengths[r] - 1, then decode attention: the work rotary_decode_attention folds into one kernel."""
-    n, width, dim = qkv.shape
-    kv_heads, per_model = (width - heads) // 2, cos.shape[0]
-    x = qkv if bias is None else (qkv.view(-1, per_model, width * dim) + bias[:, None]).view(n, width, dim)
-    q, k, v = x.split([heads, kv_heads, kv_heads], dim=1)
-    c, s = cos.repeat(n // per_model, 1)[:, None], sin.repeat(n // per_model, 1)[:, None]
-    q, k = rotate(q, c, s), rotate(k, c, s)
-    slot, pos = torch.arange(n, device=qkv.device), lengths - 1
-    k_cache[slot, :, pos] = k
-    v_cache[slot, :, pos] = v
-    return decode_attention(q, k_cache, v_cache, lengths, scale)
-
-
-@torch.library.custom_op("ads::rotary_decode_attention", mutates_args=("k_cache", "v_cache"))
-def rotary_decode_attention(qkv: torch.Tensor, bias: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                            lengths: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
-                            scale: float) -> torch.Tensor:
-    """A decode block's attention from its q/k/v projection: bias, rotary, the K/V write and the
-    attention in one Triton kernel (and the split merge) on GPU, else rotary_decode_attention_torch.
-    A custom op that says it writes the caches, so a compiled block calls it in place."""
-    if qkv.is_cuda and triton is not None and rope_head_dim(qkv.shape[-1]):
-        return decode_attention_triton(qkv, k_cache, v_cache, lengths, scale, rope=(heads, bias, cos, sin))
-    return rotary_decode_attention_torch(qkv, bias, cos, sin, lengths, k_cache, v_cache, heads, scale)
-
-
-@rotary_decode_attention.register_fake
-def _(qkv, bias, cos, sin, lengths, k_cache, v_cache, heads, scale):
-    return qkv.new_empty((qkv.shape[0], heads, qkv.shape[2]))
-
-
 if triton is not None:
-    @triton.jit
-    def _rope_rows(X, Bias, cos, sin, cols, d, live, HALF: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """x * cos + rotate_half(x) * sin in float32 for the heads at offsets cols (R, 1) of one
-        token's projection X (+ Bias); d: (1, dim) offsets, cos and sin (1, dim) float32."""
-        partner = (d + HALF) % (2 * HALF)
-        x = tl.load(X + cols + d, mask=live, other=0.0).to(tl.float32)
-        xp = tl.load(X + cols + partner, mask=live, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x += tl.load(Bias + cols + d, mask=live, other=0.0).to(tl.float32)
-            xp += tl.load(Bias + cols + partner, mask=live, other=0.0).to(tl.float32)
-        return x * cos + tl.where(d < HALF, -xp, xp) * sin
-
     @triton.jit
     def _split_decode_attention(Q, K, V, Lens, Acc, Top, Total, Out,
                                 sqb, sqh, skb, skh, skn, svb, svh, svn, sob, soh, scale: tl.constexpr,
-                                Bias, Cos, Sin, rows_per_model,
                                 GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                                ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr):
+                                DIRECT: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        length = tl.load(Lens + b).to(tl.int32)
         start = s * SPLIT
-        end = tl.minimum(start + SPLIT, length)
+        end = tl.minimum(start + SPLIT, tl.load(Lens + b).to(tl.int32))
         g = tl.arange(0, PADDED)
         d = tl.arange(0, DIM)
         real = g < GROUP
-        k_row = K + b.to(tl.int64) * skb + h * skh
-        v_row = V + b.to(tl.int64) * svb + h * svh
-        if ROPE:
-            t = b % rows_per_model
-            cos = tl.load(Cos + t * DIM + d)[None, :].to(tl.float32)
-            sin = tl.load(Sin + t * DIM + d)[None, :].to(tl.float32)
-            bias = Bias
-            if HAS_BIAS:
-                bias = Bias + (b // rows_per_model) * sqb
-            q = _rope_rows(Q + b * sqb, bias, cos, sin, (h * GROUP + g)[:, None] * sqh, d[None, :], real[:, None],
-                           DIM // 2, HAS_BIAS).to(K.dtype.element_ty)
-            cached = tl.minimum(end, length - 1)  # the token's own key and value come from Q, not the cache
-        else:
-            q = tl.load(Q + b * sqb + (h * GROUP + g)[:, None] * sqh + d[None, :], mask=real[:, None], other=0.0)
-            cached = end
+        q = tl.load(Q + b * sqb + (h * GROUP + g)[:, None] * sqh + d[None, :], mask=real[:, None], other=0.0)
         m = tl.full([PADDED], float("-inf"), tl.float32)
         l = tl.zeros([PADDED], tl.float32)
         acc = tl.zeros([PADDED, DIM], tl.float32)
+        k_row = K + b.to(tl.int64) * skb + h * skh
+        v_row = V + b.to(tl.int64) * svb + h * svh
         # the loop stops at the row's length: a split past it reads and computes nothing (the cache is
         # sized for the longest row, so most of it is empty for most of a decode)
-        for n0 in range(start, cached, BLOCK_N):
+        for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            live = n < cached
+            live = n < end
             k = tl.load(k_row + n[:, None] * skn + d[None, :], mask=live[:, None], other=0.0)
             v = tl.load(v_row + n[:, None] * svn + d[None, :], mask=live[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -289,28 +218,6 @@ if triton is not None:
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        if ROPE:
-            pos = length - 1
-            if (pos >= start) & (pos < end):  # this split holds the token: write its K/V, attend to them
-                kv_heads = tl.num_programs(1)
-                every = d[None, :] < DIM
-                k_at = ((GROUP * kv_heads + h) * sqh).to(tl.int32) + tl.zeros([1, 1], tl.int32)
-                k_new = _rope_rows(Q + b * sqb, bias, cos, sin, k_at, d[None, :], every, DIM // 2,
-                                   HAS_BIAS).to(K.dtype.element_ty)
-                v_at = (GROUP * kv_heads + kv_heads + h) * sqh + d[None, :]
-                v_new = tl.load(Q + b * sqb + v_at).to(tl.float32)
-                if HAS_BIAS:
-                    v_new += tl.load(bias + v_at).to(tl.float32)
-                v_new = v_new.to(V.dtype.element_ty)
-                tl.store(k_row + pos * skn + d[None, :], k_new)
-                tl.store(v_row + pos * svn + d[None, :], v_new)
-                qk = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * scale
-                m_new = tl.maximum(m, qk)
-                p = tl.exp(qk - m_new)
-                alpha = tl.exp(m - m_new)
-                l = l * alpha + p
-                acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)
-                m = m_new
         if DIRECT:  # the only split: no partials to merge
             tl.store(Out + b * sob + (h * GROUP + g)[:, None] * soh + d[None, :],
                      (acc / l[:, None]).to(Out.dtype.element_ty), mask=real[:, None])

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine_kernels import (PREFILL_BACKENDS, add_norm, decode_attention, gated, prefill_attention, rope_head_dim,
-                            rotary_decode_attention, rotate_qk)
+from engine_kernels import PREFILL_BACKENDS, add_norm, decode_attention, gated, prefill_attention, rotate_qk
 
 FUSABLE_TYPES = ("llama", "qwen2")   # decoder blocks of the form HF Llama/Qwen2 write (checked by fusion_gap)
 
@@ -102,18 +101,11 @@ def block_rest(x, out, w, w_next, eps, act):
     return add_norm(x, linear(up, w["down"], w["down_bias"]), w_next, eps)
 
 
-def decode_block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w: dict, w_next, shape: tuple, act,
-                 rope_in_attention=False):
+def decode_block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w: dict, w_next, shape: tuple, act):
     """One transformer block for one new token per row, for S stacked models at once.
-    x: (S, B, H) residual stream, h: its input norm.  rope_in_attention: the attention kernel adds
-    the q/k/v bias, rotates and writes the K/V (rows must be 0 .. S B - 1 and at = lengths - 1, as
-    Stack.logits passes them), where otherwise Inductor fuses that work into two kernels of its own."""
+    x: (S, B, H) residual stream, h: its input norm."""
     heads, kv_heads, dim, scale, eps = shape
     S, B, _ = x.shape
-    if rope_in_attention:
-        qkv = linear(h, w["qkv"]).view(S * B, heads + 2 * kv_heads, dim)
-        out = rotary_decode_attention(qkv, w["qkv_bias"], cos, sin, lengths, k_cache, v_cache, heads, scale)
-        return block_rest(x, out.view(S, B, heads * dim), w, w_next, eps, act)
     q, k, v = block_qkv(h, cos, sin, w, shape)
     k_cache[rows, :, at] = k.reshape(S * B, kv_heads, dim)
     v_cache[rows, :, at] = v.reshape(S * B, kv_heads, dim)
@@ -143,7 +135,7 @@ class Stack:
     weights in place (same values).  Each model's attention modules get views of the stacked K/V
     caches, so prefill can also run through the Hugging Face modules unchanged (fused_prefill off)."""
 
-    def __init__(self, nets, slots, max_len, rope_in_attention=True):
+    def __init__(self, nets, slots, max_len):
         cfg = nets[0].config
         bodies = [net.model for net in nets]
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -157,9 +149,6 @@ class Stack:
         self.embed = relay([[net.get_input_embeddings().weight] for net in nets])
         self.head = self.embed if all(tied) else relay([[net.get_output_embeddings().weight] for net in nets])
         self.final_norm = relay([[b.norm.weight] for b in bodies])
-        # on GPU only for head sizes the folding kernel takes (else Inductor fuses the rotary); on CPU
-        # the op runs its torch twin
-        self.rope_in_attention = rope_in_attention and (rope_head_dim(dim) or not self.embed.is_cuda)
         self.layers, self.caches = [], []
         for i in range(cfg.num_hidden_layers):
             blocks = [b.layers[i] for b in bodies]
@@ -189,8 +178,7 @@ class Stack:
         lengths = at + 1
         x, h = add_norm(x, None, self.layers[0]["in_norm"], self.shape[-1])
         for w, (k_cache, v_cache), w_next in self.blocks():
-            x, h = self.block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w, w_next, self.shape, self.act,
-                              self.rope_in_attention)
+            x, h = self.block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w, w_next, self.shape, self.act)
         return self.project(h)
 
     def blocks(self):

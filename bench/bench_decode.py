@@ -39,9 +39,7 @@ parser.add_argument("--stages", default="check,engine,reference,unfused", help="
                     "chosen by eager timing, as before graph timing), gemmtuned (the blocks' matmuls through Inductor's max-autotune), "
                     "piecesoftmax (the sampler's softmax left to Inductor, as before its Triton passes), unstacked (each proxy "
                     "its own Stack: plain matmuls, not batched), torchscore (the ADS score left to Inductor, as before its "
-                    "Triton passes), ways16 (the top-p search at 16 thresholds a pass, as before the engine tuned it), ropeapart (the decode "
-                    "block's bias, rotary and K/V write as Inductor's kernels before the attention, as before the attention "
-                    "kernel took them), longtail, chunks (gentraces' chunks of 4 x 192 long-tailed prompts one engine call each, "
+                    "Triton passes), ways16 (the top-p search at 16 thresholds a pass, as before the engine tuned it), longtail, chunks (gentraces' chunks of 4 x 192 long-tailed prompts one engine call each, "
                     "as before gentraces.decode_chunks, or all in one call)")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
@@ -374,7 +372,6 @@ def main():
             variants += [("unstacked", dict(stack_models=False))] if "unstacked" in stages and mode == "ads" else []
             variants += [("torchscore", dict(fd_score=engine_kernels.ads_fd_score_torch))] if "torchscore" in stages else []
             variants += [("ways16", dict(search_ways=16))] if "ways16" in stages else []
-            variants += [("ropeapart", dict(rope_in_attention=False))] if "ropeapart" in stages else []
             mine = {}
             for name, kw in variants:
                 r = time_engine(models, params, b, **kw)
