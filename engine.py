@@ -28,7 +28,7 @@ from transformers import AttentionInterface
 
 from engine_kernels import (ATTENTION_CONFIGS, HAVE_TRITON, PREFILL_BACKENDS, ROW_PIECE, SEARCH_WAY_CHOICES, SEARCH_WAYS,
                             ads_fd_score, attention_key, decode_attention, decode_attention_triton, gpu_ms, inverse_cdf,
-                            nucleus_probs, prefill_attention, sample_tokens, softmax_rows, triton_head_dim,
+                            keep_above, nucleus_bounds, prefill_attention, softmax_rows, triton_head_dim,
                             tune, tune_search)
 from sampling import ads_score, check_eps, fd_delta, permute_vocab, row_uniforms
 from stack import Prefill, Stack, decode_block, fusion_gap
@@ -183,7 +183,7 @@ class Engine:
                         attach_slot_caches(net, slots, max_len)
                 self.groups.append((part, stack))
         self.scores_fn, self.nucleus_fn, self.uniforms_fn = self.scores_of, self.nucleus_of, row_uniforms
-        self.draw_fn, self.book_fn = options.inverse_cdf, self.book
+        self.draw_fn, self.book_fn = self.draw, self.book
         device = next(models.teacher.parameters()).device
         self.device, self.slots, self.max_len = device, slots, max_len
         self.eos = torch.tensor(models.eos_ids, dtype=torch.long, device=device)
@@ -247,14 +247,20 @@ class Engine:
         return score if out is None else out.copy_(score)
 
     def nucleus_of(self, scores, top_k, top_p, piece):
-        return nucleus_probs(scores, top_k, top_p, piece, self.options.softmax, self.search_ways)
+        return nucleus_bounds(scores, top_k, top_p, piece, self.options.softmax, self.search_ways)
+
+    def draw(self, probs, floor, u, piece):
+        """The inverse CDF over the nucleus of probs; compiled, the nucleus mask is applied where the
+        scan reads probs, so no masked copy of the B x V probabilities is written (0.06 ms a step)."""
+        return self.options.inverse_cdf(keep_above(probs, floor), u, piece)
 
     def pick(self, u):
+        """softmax -> top-k -> top-p -> inverse CDF: engine_kernels.sample_tokens, in two compiled parts."""
         p = self.params
         if p.greedy:
             return self.score.argmax(-1)
-        o = self.options
-        return sample_tokens(self.score, u, p.top_k, p.top_p, self.nucleus_fn, self.draw_fn, o.row_piece)
+        probs, floor = self.nucleus_fn(self.score, p.top_k, p.top_p, self.options.row_piece)
+        return self.draw_fn(probs, floor, u, self.options.row_piece)
 
     def book(self, tok):
         """Keep each live slot's sampled token (a pad once it is done), update the slots' state, and
@@ -344,7 +350,7 @@ class Engine:
         self.nucleus_fn = torch.compile(self.nucleus_of, dynamic=False) if score else self.nucleus_of
         # the noise's hash is some 60 tiny integer kernels eagerly, one compiled
         self.uniforms_fn = torch.compile(row_uniforms, dynamic=False) if score else row_uniforms
-        self.draw_fn = torch.compile(self.options.inverse_cdf, dynamic=False) if draw else self.options.inverse_cdf
+        self.draw_fn = torch.compile(self.draw, dynamic=False) if draw else self.draw
         self.book_fn = torch.compile(self.book, dynamic=False) if draw else self.book
 
     def warm_up(self):

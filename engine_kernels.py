@@ -665,14 +665,23 @@ def nucleus_floor(probs, top_p, piece=ROW_PIECE, ways=SEARCH_WAYS):
     return lo
 
 
-def nucleus_probs(scores, top_k=0, top_p=1.0, piece=ROW_PIECE, softmax=softmax_rows, ways=SEARCH_WAYS):
-    """softmax(scores) with the tokens outside top-k and the nucleus zeroed; row reductions over
-    piece-wide pieces.  softmax: softmax_rows, or softmax_rows_torch (a benchmark's variant); ways:
-    the top-p search's thresholds per pass."""
+def nucleus_bounds(scores, top_k=0, top_p=1.0, piece=ROW_PIECE, softmax=softmax_rows, ways=SEARCH_WAYS):
+    """(softmax(scores) with the tokens outside top-k zeroed, the nucleus floor or None for top_p
+    1): the nucleus is the entries above the floor (keep_above).  Row reductions over piece-wide
+    pieces; softmax: softmax_rows, or softmax_rows_torch (a benchmark's variant); ways: the top-p
+    search's thresholds per pass."""
     probs = filter_top_k_top_p(softmax(scores, piece), top_k, 1.0)
-    if top_p < 1.0:
-        probs = torch.where(probs.view(torch.int32) > nucleus_floor(probs, top_p, piece, ways), probs, 0.0)
-    return probs
+    return probs, (nucleus_floor(probs, top_p, piece, ways) if top_p < 1.0 else None)
+
+
+def keep_above(probs, floor):
+    """probs with the entries at or below the floor (a float32 bit pattern per row) zeroed."""
+    return probs if floor is None else torch.where(probs.view(torch.int32) > floor, probs, 0.0)
+
+
+def nucleus_probs(scores, top_k=0, top_p=1.0, piece=ROW_PIECE, softmax=softmax_rows, ways=SEARCH_WAYS):
+    """softmax(scores) with the tokens outside top-k and the nucleus zeroed (see nucleus_bounds)."""
+    return keep_above(*nucleus_bounds(scores, top_k, top_p, piece, softmax, ways))
 
 
 def first_positive_from(x, start):
