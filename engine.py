@@ -166,6 +166,8 @@ class Engine:
 
     def __init__(self, models, params, slots, max_len, max_new, options=None):
         self.options = options = options or EngineOptions()
+        if options.search_ways is not None and options.search_ways not in SEARCH_WAY_CHOICES:
+            raise ValueError(f"search_ways must be one of {SEARCH_WAY_CHOICES} (or None: tuned), not {options.search_ways}")
         self.params, self.vocab, self.pad = params, models.vocab_size, models.pad_id
         self.nets = [models.teacher] + ([models.plus, models.minus] if params.uses_proxy else [])
         for net in self.nets:

@@ -635,7 +635,8 @@ def tune_search(probs, top_p, timer=gpu_ms, choices=SEARCH_WAY_CHOICES):
         tune(mass_key(probs, ways), MASS_CONFIGS, lambda c: mass_above(probs, cand, c), timer)
         if mass_key(probs, ways) in TUNED_MS:
             per_search[ways] = search_passes(ways, top_p, probs.shape[-1]) * TUNED_MS[mass_key(probs, ways)]
-    TUNED[key] = min(per_search, key=per_search.get) if per_search else SEARCH_WAYS
+    untimed = SEARCH_WAYS if SEARCH_WAYS in choices else choices[0]  # a choice asked for is kept
+    TUNED[key] = min(per_search, key=per_search.get) if per_search else untimed
     TUNED_BY[key] = timer.__name__
     TUNING_LOG.append(dict(key=str(key), timer=timer.__name__, chose=str(TUNED[key]),
                            ms={str(w): round(t, 4) for w, t in per_search.items()}))
