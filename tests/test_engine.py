@@ -561,7 +561,11 @@ for cand in (bits[:, :16].sort(-1).values, middle + 7 * torch.arange(16, dtype=t
 for ways in (4, 8, 32):  # the search's other thresholds per pass
     cand = bits[:, :ways].sort(-1).values.contiguous()
     want = torch.stack([torch.where(bits > c[:, None], probs, 0.).sum(-1) for c in cand.unbind(-1)], -1)
-    assert torch.allclose(engine_kernels.mass_above(probs, cand), want, atol=1e-5), ways
+    for chunk, sub, _, column in engine_kernels.MASS_CONFIGS[:4]:
+        n = -(-9000 // chunk)
+        part = torch.empty(4, n, ways)
+        engine_kernels._mass_above[(4, n)](probs, cand, part, 9000, probs.stride(0), WAYS=ways, CHUNK=chunk, SUB=sub, COLUMN=column)
+        assert torch.allclose(part.sum(1), want, atol=1e-5), (ways, chunk, sub, column)
 # the sampler's two-pass softmax: a last chunk cut short by the row's end, -inf entries, a row that
 # is -inf but for one entry
 scores = torch.randn(4, 9000) * 5
