@@ -166,11 +166,12 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
     padded = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
     split, block, warps, stages = config or TUNED.get(attention_key(q, k_cache), ATTENTION_DEFAULT)
     splits = triton.cdiv(max_len, split)
-    # partial results of the real query heads only (7 of the 16 rows a 7-head group is padded to)
-    acc = torch.empty((n, kv_heads, splits, group, dim), dtype=torch.float32, device=q.device)
-    top = torch.empty((n, kv_heads, splits, group), dtype=torch.float32, device=q.device)
-    total = torch.empty_like(top)
     out = torch.empty_like(q)
+    # partial results of the real query heads only (7 of the 16 rows a 7-head group is padded to);
+    # with one split there are none (the kernel does not touch what it is passed for them)
+    acc, top, total = (out, out, out) if splits == 1 else (
+        torch.empty((n, kv_heads, splits, group, dim), dtype=torch.float32, device=q.device),
+        *(torch.empty((n, kv_heads, splits, group), dtype=torch.float32, device=q.device) for _ in range(2)))
     _split_decode_attention[(n, kv_heads, splits)](
         q, k_cache, v_cache, lengths, acc, top, total, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -599,23 +600,25 @@ if triton is not None:
             tl.store(P + row.to(tl.int64) * vocab + idx, tl.exp(x - top) / total, mask=live)
 
 
+def bound_fraction(top_p, vocab):
+    """c = (1 - top_p) / (2 vocab): entries at or below c times a row's total hold at most half of
+    the (1 - top_p) share outside the nucleus, so the mass above c times the total is well over the
+    target.  None where 1 - top_p is too small for that margin to dwarf float32 rounding."""
+    return None if 1.0 - top_p < SEARCH_BOUND_MIN else (1.0 - top_p) / (2 * vocab)
+
+
 def nucleus_lower_bound(total, top_p, vocab):
     """A float32 bit pattern below the nucleus floor of rows of `vocab` probabilities summing to
-    total (B, 1): the entries at or below c = (1 - top_p) / (2 vocab) times the total hold at most
-    half of the (1 - top_p) share outside the nucleus, so the mass above c is well over the target.
-    Where 1 - top_p is too small for that margin to dwarf float32 rounding, 0."""
-    if 1.0 - top_p < SEARCH_BOUND_MIN:
-        return torch.zeros_like(total, dtype=torch.int32)
-    return ((1.0 - top_p) / (2 * vocab) * total).view(torch.int32)
+    total (B, 1): bound_fraction times the total, or 0."""
+    c = bound_fraction(top_p, vocab)
+    return torch.zeros_like(total, dtype=torch.int32) if c is None else (c * total).view(torch.int32)
 
 
 def search_passes(ways, top_p, vocab):
     """Passes of a `ways`-way search that close the bracket (nucleus_lower_bound, row max]: for
     normal floats, bits(x) - bits(c x) <= (ceil(log2(1 / c)) + 1) * 2**23."""
-    if 1.0 - top_p < SEARCH_BOUND_MIN:
-        span = 2 ** 31
-    else:
-        span = (math.ceil(-math.log2((1.0 - top_p) / (2 * vocab))) + 1) << 23
+    c = bound_fraction(top_p, vocab)
+    span = 2 ** 31 if c is None else (math.ceil(-math.log2(c)) + 1) << 23
     passes = 0
     while ways ** passes < span:
         passes += 1
@@ -715,10 +718,8 @@ def inverse_cdf(probs, u, piece=ROW_PIECE):
     return (j * width + i).clamp(0, V - 1).squeeze(-1)
 
 
-def sample_tokens(scores, u, top_k=0, top_p=1.0, filtered=nucleus_probs, scan=inverse_cdf, piece=ROW_PIECE):
+def sample_tokens(scores, u, top_k=0, top_p=1.0, piece=ROW_PIECE):
     """softmax(scores) -> top-k -> top-p -> inverse-CDF in vocabulary order with one uniform per row:
-    sampling.sample_from_scores without its sort.  filtered: nucleus_probs, or a compiled copy; scan:
-    the inverse CDF (inverse_cdf, a benchmark's variant, or a compiled copy: the engine falls back to
-    the eager one where it does not compile, as a whole-row scan did not in torch 2.11).  piece: the
-    width of the row reductions' pieces."""
-    return scan(filtered(scores, top_k, top_p, piece), u, piece)
+    sampling.sample_from_scores without its sort (the engine runs the same two parts compiled,
+    engine.Engine.pick).  piece: the width of the row reductions' pieces."""
+    return inverse_cdf(nucleus_probs(scores, top_k, top_p, piece), u, piece)
