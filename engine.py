@@ -34,6 +34,8 @@ from sampling import ads_score, check_eps, fd_delta, permute_vocab, row_uniforms
 from stack import Prefill, Stack, decode_block, fusion_gap
 
 ATTENTION_NAME = "ads_slots"
+# the per-slot state a step reads and writes: a smaller step sees the first rows of each
+SLOT_STATE = ("seq_len", "row_id", "n_gen", "budget", "done", "ended", "out", "score")
 TUNE_MIN_VOCAB = 32768   # smaller models run tiny kernels: tuning's compiles would cost more than they save
 
 
@@ -54,13 +56,17 @@ class EngineOptions:
     prefill_backends: tuple = PREFILL_BACKENDS  # SDPA kernels for prefill attention, in order of preference
     row_piece: int = ROW_PIECE             # width of the pieces of the sampler's row reductions and inverse CDF
     search_ways: int = None                # thresholds per pass of the top-p search; None: tuned (GPU), else 16
+    drain_steps: int = 4                   # smaller steps for the drain: once no prompt is queued, the live rows move
+    #                                        to the first slots and a step of 1/2, 1/4, ... of them runs (this
+    #                                        many halvings, each one more graph to capture; 0: every step is full)
     inverse_cdf: Callable = inverse_cdf    # the sampler's last step, (probs, u, piece) -> tokens
     softmax: Callable = softmax_rows       # the sampler's softmax, (scores, piece) -> probs
     fd_score: Callable = ads_fd_score      # the ADS score from the three models' logits, written into its last
     #                                        argument if given (not under the permute control)
     tune_timer: Callable = gpu_ms          # how kernel layouts are timed when tuned (launch_ms: the old eager timing)
     timings: dict = None                   # if a dict: receives capture_s (re-lay, tuning, compile, capture),
-    #                                        compiled, prefill_s, decode_s and steps (device syncs around prefill)
+    #                                        compiled, prefill_s, decode_s, steps and row_steps (steps x their
+    #                                        rows; device syncs around prefill)
 
 
 # attention over static slot caches
@@ -160,6 +166,14 @@ def _architecture_gap(model):
     return None
 
 
+def step_batches(slots, halvings):
+    """Rows of the engine's steps: every slot, then halves (rounded up) for the drain."""
+    sizes = [slots]
+    while len(sizes) <= halvings and sizes[-1] > 1:
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
 class Engine:
     """Decode slots for one request: static state tensors, the per-step function (captured as one
     CUDA graph on GPU), prefill into chosen slots, and the kernel tuning before capture."""
@@ -168,6 +182,8 @@ class Engine:
         self.options = options = options or EngineOptions()
         if options.search_ways is not None and options.search_ways not in SEARCH_WAY_CHOICES:
             raise ValueError(f"search_ways must be one of {SEARCH_WAY_CHOICES} (or None: tuned), not {options.search_ways}")
+        if not isinstance(options.drain_steps, int) or options.drain_steps < 0:
+            raise ValueError(f"drain_steps must be a whole number of halvings (0: off), not {options.drain_steps!r}")
         self.params, self.vocab, self.pad = params, models.vocab_size, models.pad_id
         self.nets = [models.teacher] + ([models.plus, models.minus] if params.uses_proxy else [])
         for net in self.nets:
@@ -199,7 +215,9 @@ class Engine:
         self.out = torch.full((slots, max_new + 1), self.pad, dtype=torch.long, device=device)
         self.score = torch.zeros((slots, self.vocab), dtype=torch.float32, device=device)
         self.search_ways = options.search_ways or SEARCH_WAYS
-        self.graph = None
+        self.batches = step_batches(slots, options.drain_steps)
+        self.batch = slots           # the step that runs: the first `batch` slots
+        self.graphs = {}             # a captured step per batch
         self.compiled = "nothing"    # what capture() managed to compile
 
     def decode_logits(self, ids, pos):
@@ -284,15 +302,15 @@ class Engine:
 
     def tune(self):
         """Pick the decode attention and top-p search layouts, and the search's thresholds per pass,
-        for this engine's shapes (TUNED), timed on random data of those shapes."""
+        for this engine's shapes (TUNED; attention for each step batch), timed on random data of those shapes."""
         if not HAVE_TRITON or self.device.type != "cuda" or self.vocab < TUNE_MIN_VOCAB:
             return
-        for nets, stack in self.groups:
+        for (nets, stack), batch in ((g, b) for g in self.groups for b in self.batches):
             cfg = nets[0].config
             dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             if not triton_head_dim(dim):
                 continue
-            rows = self.slots * (len(nets) if stack is not None else 1)
+            rows = batch * (len(nets) if stack is not None else 1)
             like = dict(dtype=nets[0].get_output_embeddings().weight.dtype, device=self.device)
             q = torch.randn(rows, cfg.num_attention_heads, dim, **like)
             k, v = (torch.randn(rows, cfg.num_key_value_heads, self.max_len, dim, **like) for _ in range(2))
@@ -315,6 +333,9 @@ class Engine:
         stays eager.  A compiler failure must not stop generation: then the draw and bookkeeping, next
         the score and filter, and if that is not enough the blocks too, fall back to eager kernels."""
         self.tune()
+        # each compiled function compiles once per model shape and step batch
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   8 + len(self.groups) * len(self.batches))
         blocks = [b for nets, stack in self.groups if stack is None for net in nets for b in decoder_layers(net)]
         tiers = [("blocks, score, filter and draw", True, True, True), ("blocks, score and filter", True, True, False),
                  ("blocks", True, False, False)]
@@ -331,9 +352,12 @@ class Engine:
                         raise
                     print(f"engine: torch.compile of the {name} failed ({type(e).__name__}: {str(e)[:200]}), "
                           "compiling less", file=sys.stderr)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.step()
+            # the steps never run at once, so their graphs share one memory pool
+            pool = torch.cuda.graph_pool_handle()
+            for batch in self.batches:
+                self.graphs[batch] = torch.cuda.CUDAGraph()
+                with self.narrowed(batch), torch.cuda.graph(self.graphs[batch], pool=pool):
+                    self.step()
         finally:
             self.compile_parts(blocks, False, False)
 
@@ -359,9 +383,23 @@ class Engine:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step()
+            for batch in self.batches:
+                with self.narrowed(batch):
+                    for _ in range(2):
+                        self.step()
         torch.cuda.current_stream().wait_stream(side)
+
+    @contextmanager
+    def narrowed(self, batch):
+        """Point the step's per-slot state at its first `batch` rows (views), for a step of that batch."""
+        full = {name: getattr(self, name) for name in SLOT_STATE}
+        for name, t in full.items():
+            setattr(self, name, t[:batch])
+        try:
+            yield
+        finally:
+            for name, t in full.items():
+                setattr(self, name, t)
 
     def release(self):
         for net in self.nets:
@@ -369,11 +407,39 @@ class Engine:
         self.groups = []
 
     def advance(self, steps):
-        for _ in range(steps):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
+        """steps decode steps of the current batch (a graph replay each on GPU)."""
+        if self.graphs:
+            for _ in range(steps):
+                self.graphs[self.batch].replay()
+            return
+        with self.narrowed(self.batch):
+            for _ in range(steps):
                 self.step()
+
+    def shrink(self, live):
+        """If the live slots fit a smaller step, move their rows (state and cached K/V) into the
+        first slots and make that step the current one.  Returns {old slot: new slot} of the moved rows."""
+        batch = min(b for b in self.batches if b >= max(len(live), 1))
+        if batch >= self.batch:
+            return {}
+        holes = [s for s in range(len(live)) if s not in live]
+        moved = dict(zip([s for s in live if s >= len(live)], holes))
+        if moved:
+            src, dst = (torch.tensor(list(x), device=self.device) for x in (moved.keys(), moved.values()))
+            width = int(self.seq_len[src].max())
+            for nets, stack in self.groups:
+                if stack is not None:
+                    stack.move_slots(src, dst, width)
+                    continue
+                for m in (m for net in nets for m in attention_layers(net)):
+                    for cache in (m.slot_k, m.slot_v):
+                        cache[dst, :, :width] = cache[src, :, :width]
+            for name in SLOT_STATE:
+                t = getattr(self, name)
+                t[dst] = t[src]
+            self.done[src] = True
+        self.batch = batch
+        return moved
 
     def prefill(self, slots, prompts, rows, budgets):
         """Run the prompts through every model into the given slots and reset those slots' state."""
@@ -462,7 +528,7 @@ class Scheduler:
         self.free = list(range(engine.slots))
         self.owner = [None] * engine.slots      # prompt index held by each slot
         self.counted = [0] * engine.slots       # tokens of the slot's row already reported
-        self.clock = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
+        self.clock = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "row_steps": 0}
 
     def run(self):
         """Decode every queued prompt; returns (tokens, ended) in input order."""
@@ -507,6 +573,7 @@ class Scheduler:
         done, n_gen, eos = self.engine.snapshot()
         self.clock["decode_s"] += time.perf_counter() - start
         self.clock["steps"] += self.check_every
+        self.clock["row_steps"] += self.check_every * self.engine.batch
         slots = range(self.engine.slots)
         finished = [s for s in slots if self.owner[s] is not None and done[s]]
         if finished:
@@ -524,3 +591,13 @@ class Scheduler:
         for s in finished:
             self.owner[s] = None
             self.free.append(s)
+        if not self.queue:
+            self.drain()
+
+    def drain(self):
+        """With nothing left to prefill, run the live rows in a smaller step when they fit one."""
+        moved = self.engine.shrink([s for s, o in enumerate(self.owner) if o is not None])
+        for src, dst in moved.items():
+            self.owner[dst], self.counted[dst] = self.owner[src], self.counted[src]
+            self.owner[src], self.counted[src] = None, 0
+        self.free = [s for s, o in enumerate(self.owner) if o is None]

@@ -116,23 +116,26 @@ def prefill_attention(q, k, v, mask, scale, backends=PREFILL_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
-def decode_attention(q, k_cache, v_cache, lengths, scale):
-    """One query per row against the first lengths[b] cached positions of slot b.  q: (n, heads, dim)."""
+def decode_attention(q, k_cache, v_cache, lengths, scale, rows=None):
+    """One query per row against the first lengths[b] cached positions of cache row rows[b] (of row b
+    when rows is None).  q: (n, heads, dim)."""
     if q.is_cuda and triton is not None and triton_head_dim(q.shape[-1]):
-        return decode_attention_triton(q, k_cache, v_cache, lengths, scale)
-    return decode_attention_torch(q, k_cache, v_cache, lengths, scale)
+        return decode_attention_triton(q, k_cache, v_cache, lengths, scale, rows=rows)
+    return decode_attention_torch(q, k_cache, v_cache, lengths, scale, rows)
 
 
 def triton_head_dim(d):
     return d >= 16 and d & (d - 1) == 0
 
 
-def decode_attention_torch(q, k_cache, v_cache, lengths, scale):
+def decode_attention_torch(q, k_cache, v_cache, lengths, scale, rows=None):
     # grouped query heads share a KV head: fold them into the query axis instead of repeating K/V
     n, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     # on CPU read only the filled width; on GPU (captured in a graph) the whole cache, masked
     width = k_cache.shape[2] if q.is_cuda or torch.compiler.is_compiling() else int(lengths.max())
+    if rows is not None:
+        k_cache, v_cache = k_cache[rows], v_cache[rows]
     k, v = k_cache[:n, :, :width].float(), v_cache[:n, :, :width].float()
     qg = q.float().view(n, kv_heads, heads // kv_heads, dim)
     s = qg @ k.transpose(-1, -2) * scale
@@ -154,11 +157,12 @@ def attention_key(q, k_cache):
     return ("attention", *q.shape, *k_cache.shape[1:], q.dtype)
 
 
-def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
+def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None, rows=None):
     """Flash-decoding: programs over (row, kv head, key split) each read only filled positions and
     keep a partial softmax; the splits are merged here, unless the layout's split covers the whole
-    cache (one split a row), whose programs write the output themselves.  Graph-safe: lengths stay
-    on the device.  config: (keys per program, keys per iteration, warps, stages); default: the tuned one."""
+    cache (one split a row), whose programs write the output themselves.  Graph-safe: lengths (and
+    rows, the cache row of each query row, if given) stay on the device.  config: (keys per program,
+    keys per iteration, warps, stages); default: the tuned one."""
     q = q.contiguous()  # the kernel assumes unit stride along dim
     n, heads, dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
@@ -173,11 +177,11 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
         torch.empty((n, kv_heads, splits, group, dim), dtype=torch.float32, device=q.device),
         *(torch.empty((n, kv_heads, splits, group), dtype=torch.float32, device=q.device) for _ in range(2)))
     _split_decode_attention[(n, kv_heads, splits)](
-        q, k_cache, v_cache, lengths, acc, top, total, out,
+        q, k_cache, v_cache, lengths, lengths if rows is None else rows, acc, top, total, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), scale,
         GROUP=group, PADDED=padded, DIM=dim, BLOCK_N=block, SPLIT=split,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DIRECT=splits == 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DIRECT=splits == 1, MAPPED=rows is not None,
         num_warps=warps, num_stages=stages)
     if splits > 1:
         _merge_splits[(n, kv_heads)](acc, top, total, lengths, out, out.stride(0), out.stride(1),
@@ -187,12 +191,15 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, config=None):
 
 if triton is not None:
     @triton.jit
-    def _split_decode_attention(Q, K, V, Lens, Acc, Top, Total, Out,
+    def _split_decode_attention(Q, K, V, Lens, Rows, Acc, Top, Total, Out,
                                 sqb, sqh, skb, skh, skn, svb, svh, svn, sob, soh, scale: tl.constexpr,
                                 GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                                DIRECT: tl.constexpr):
+                                DIRECT: tl.constexpr, MAPPED: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        row = b.to(tl.int64)
+        if MAPPED:  # a step of fewer rows than the cache has slots: query row b reads cache row Rows[b]
+            row = tl.load(Rows + b).to(tl.int64)
         start = s * SPLIT
         end = tl.minimum(start + SPLIT, tl.load(Lens + b).to(tl.int32))
         g = tl.arange(0, PADDED)
@@ -202,8 +209,8 @@ if triton is not None:
         m = tl.full([PADDED], float("-inf"), tl.float32)
         l = tl.zeros([PADDED], tl.float32)
         acc = tl.zeros([PADDED, DIM], tl.float32)
-        k_row = K + b.to(tl.int64) * skb + h * skh
-        v_row = V + b.to(tl.int64) * svb + h * svh
+        k_row = K + row * skb + h * skh
+        v_row = V + row * svb + h * svh
         # the loop stops at the row's length: a split past it reads and computes nothing (the cache is
         # sized for the longest row, so most of it is empty for most of a decode)
         for n0 in range(start, end, BLOCK_N):

@@ -103,13 +103,15 @@ def block_rest(x, out, w, w_next, eps, act):
 
 def decode_block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w: dict, w_next, shape: tuple, act):
     """One transformer block for one new token per row, for S stacked models at once.
-    x: (S, B, H) residual stream, h: its input norm."""
+    x: (S, B, H) residual stream, h: its input norm; rows: the cache row of each of the S x B rows."""
     heads, kv_heads, dim, scale, eps = shape
     S, B, _ = x.shape
     q, k, v = block_qkv(h, cos, sin, w, shape)
     k_cache[rows, :, at] = k.reshape(S * B, kv_heads, dim)
     v_cache[rows, :, at] = v.reshape(S * B, kv_heads, dim)
-    out = decode_attention(q.reshape(S * B, heads, dim), k_cache, v_cache, lengths, scale)
+    # a step of every slot reads cache row b for row b; a smaller one (the drain) reads rows[b]
+    read = None if k_cache.shape[0] == S * B else rows
+    out = decode_attention(q.reshape(S * B, heads, dim), k_cache, v_cache, lengths, scale, read)
     return block_rest(x, out.view(S, B, heads * dim), w, w_next, eps, act)
 
 
@@ -149,7 +151,7 @@ class Stack:
         self.embed = relay([[net.get_input_embeddings().weight] for net in nets])
         self.head = self.embed if all(tied) else relay([[net.get_output_embeddings().weight] for net in nets])
         self.final_norm = relay([[b.norm.weight] for b in bodies])
-        self.layers, self.caches = [], []
+        self.layers, self.caches, self.slots = [], [], slots
         for i in range(cfg.num_hidden_layers):
             blocks = [b.layers[i] for b in bodies]
             w = {"in_norm": relay([[b.input_layernorm.weight] for b in blocks]),
@@ -169,17 +171,28 @@ class Stack:
             self.caches.append((k_cache, v_cache))
 
     def logits(self, ids, pos):
-        """(S, B, V) next-token logits of every model for ids (B,) at cache positions pos (B,)."""
+        """(S, B, V) next-token logits of every model for ids (B,) at cache positions pos (B,): the
+        first B slots (all of them, or the drain's fewer)."""
         S = self.embed.shape[0]
         x = self.embed[:, ids]
         cos, sin = (t[:, 0] for t in self.rotary(x[0][:, None], pos[:, None]))
-        rows = torch.arange(S * len(ids), device=ids.device)
+        rows = self.cache_rows(torch.arange(len(ids), device=ids.device))
         at = pos.repeat(S)
         lengths = at + 1
         x, h = add_norm(x, None, self.layers[0]["in_norm"], self.shape[-1])
         for w, (k_cache, v_cache), w_next in self.blocks():
             x, h = self.block(x, h, cos, sin, rows, at, lengths, k_cache, v_cache, w, w_next, self.shape, self.act)
         return self.project(h)
+
+    def cache_rows(self, slots):
+        """The stacked caches' rows of these slots, model by model."""
+        return (torch.arange(self.embed.shape[0], device=slots.device)[:, None] * self.slots + slots).reshape(-1)
+
+    def move_slots(self, src, dst, width):
+        """Copy the cached K/V of slots src to slots dst (long tensors), at positions below width."""
+        src, dst = self.cache_rows(src), self.cache_rows(dst)
+        for cache in (c for pair in self.caches for c in pair):
+            cache[dst, :, :width] = cache[src, :, :width]
 
     def blocks(self):
         """(weights, K/V caches, next norm weight) of each block: the next block's input norm, or the
@@ -194,12 +207,11 @@ class Stack:
         """(S, n, V) next-token logits of every model after the left-padded prompts ids (n, T), whose
         real tokens' K/V go into the slots p names."""
         S, (n, T) = self.embed.shape[0], ids.shape
-        slots = self.caches[0][0].shape[0] // S
         x = self.embed[:, ids.reshape(-1)]
         cos, sin = (t.reshape(n * T, -1) for t in self.rotary(x[0].view(n, T, -1), p.positions))
         r, c = p.token_rows, p.token_cols
         model = torch.arange(S, device=ids.device)[:, None]
-        write = ((model * n * T + r * T + c).reshape(-1), (model * slots + p.slots[r]).reshape(-1),
+        write = ((model * n * T + r * T + c).reshape(-1), self.cache_rows(p.slots[r]),
                  p.positions[r, c].repeat(S))
         mask = None if p.mask is None else p.mask.repeat(S, 1, 1, 1)
         x, h = add_norm(x, None, self.layers[0]["in_norm"], self.shape[-1])

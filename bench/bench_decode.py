@@ -39,7 +39,9 @@ parser.add_argument("--stages", default="check,engine,reference,unfused", help="
                     "chosen by eager timing, as before graph timing), gemmtuned (the blocks' matmuls through Inductor's max-autotune), "
                     "piecesoftmax (the sampler's softmax left to Inductor, as before its Triton passes), unstacked (each proxy "
                     "its own Stack: plain matmuls, not batched), torchscore (the ADS score left to Inductor, as before its "
-                    "Triton passes), ways16 (the top-p search at 16 thresholds a pass, as before the engine tuned it), longtail, chunks (gentraces' chunks of 4 x 192 long-tailed prompts one engine call each, "
+                    "Triton passes), ways16 (the top-p search at 16 thresholds a pass, as before the engine tuned it), longtail "
+                    "(768 long-tailed traces: continuous batching with and without the drain's smaller steps, and static "
+                    "batches), chunks (gentraces' chunks of 4 x 192 long-tailed prompts one engine call each, "
                     "as before gentraces.decode_chunks, or all in one call)")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
@@ -186,7 +188,7 @@ def time_engine(models, params, batch, prompts=None, budgets=None, rows=None, ke
     return dict(**({"tokens": tokens} if keep_tokens else {}),
                 batch=batch, generated=n, wall_s=wall, setup_s=timings["capture_s"], compile_layers=opts.compile_layers,
                 compiled=timings["compiled"], fused=opts.fused, prefill_s=timings["prefill_s"], decode_s=timings["decode_s"],
-                steps=timings["steps"], options=changed, fused_prefill=opts.fused_prefill,
+                steps=timings["steps"], row_steps=timings["row_steps"], options=changed, fused_prefill=opts.fused_prefill,
                 tokens_sha1=hashlib.sha1(str(tokens).encode()).hexdigest(),
                 tok_s=n / wall, decode_tok_s=n / timings["decode_s"],
                 ms_per_step=1e3 * timings["decode_s"] / timings["steps"],
@@ -392,12 +394,16 @@ def main():
         budgets, prompts = longtail_workload(args.longtail_prompts, 7)
         lt = dict(budgets_mean=sum(budgets) / len(budgets), budgets_max=max(budgets),
                   note="lognormal(median 120, sigma 0.9) lengths capped at max new tokens, EOS forced there (budget)")
-        for refill in (True, False):
-            r = time_engine(models, ADS, 192, refill=refill, prompts=prompts, budgets=budgets)
-            lt["continuous" if refill else "static"] = r
-            rows.append((f"longtail {'continuous' if refill else 'static'}", r))
+        # static batches run every step at the full batch, as a batch of a plain generate call does;
+        # full_drain is continuous batching without the drain's smaller steps (the engine before them)
+        for name, options in (("continuous", {}), ("full_drain", dict(drain_steps=0)),
+                              ("static", dict(refill=False, drain_steps=0))):
+            lt[name] = r = time_engine(models, ADS, 192, prompts=prompts, budgets=budgets, **options)
+            rows.append((f"longtail {name.replace('_', ' ')}", r))
             print(rows[-1], flush=True)
         lt["speedup"] = lt["continuous"]["tok_s"] / lt["static"]["tok_s"]
+        lt["speedup_full_drain"] = lt["full_drain"]["tok_s"] / lt["static"]["tok_s"]
+        lt["tokens_equal_full_drain"] = lt["continuous"]["tokens_sha1"] == lt["full_drain"]["tokens_sha1"]
         results["longtail_ads_192"] = lt
         save()
     if "chunks" in stages:

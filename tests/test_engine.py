@@ -135,6 +135,29 @@ def test_sampled_tokens_equal_generate_reference(teacher, proxies):
     assert got == want
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_drain_runs_smaller_steps_on_moved_rows_and_keeps_every_token(fused, teacher, proxies):
+    """Once nothing is queued the live rows move to the first slots and halved steps run them: fewer
+    row-steps, the same tokens (through the stacked caches and through the Hugging Face modules')."""
+    models, params, prompts, rows, max_new = ragged_request(teacher, proxies)
+    want = generate_reference(models, prompts, rows, max_new, params)
+    row_steps = {}
+    for halvings in (0, 1, 3):
+        timings = {}
+        options = EngineOptions(check_every=2, drain_steps=halvings, fused=fused, timings=timings)
+        assert engine.generate(models, prompts, rows, max_new, params, batch_size=5, options=options) == want
+        row_steps[halvings] = timings["row_steps"]
+        if halvings == 0:
+            assert row_steps[0] == 5 * timings["steps"]
+    assert row_steps[3] < row_steps[1] < row_steps[0]
+
+
+def test_step_batches_halve_down_to_one_row():
+    assert engine.step_batches(192, 4) == [192, 96, 48, 24, 12]
+    assert engine.step_batches(5, 9) == [5, 3, 2, 1]
+    assert engine.step_batches(7, 0) == [7]
+
+
 def ragged_request(teacher, proxies):
     """models, params, prompts, rows and budgets of a request whose rows finish at different steps
     (by EOS or budget), one with no budget."""
@@ -545,6 +568,14 @@ for heads, lengths in ((6, [1, 130, 300]), (14, [64, 128, 257, 300, 33])):
     for config in engine_kernels.ATTENTION_CONFIGS:
         a = engine_kernels.decode_attention_triton(q, kc, vc, lengths, 0.17, config)
         assert ((a - b).norm() / b.norm()) < 1e-5, (heads, config)
+# a drain step: 3 query rows reading cache rows 4, 0 and 2 of 5 (rows of two stacked models)
+q, kc, vc = torch.randn(3, 6, 32), torch.randn(5, 2, 300, 32), torch.randn(5, 2, 300, 32)
+lengths, rows = torch.tensor([300, 7, 130]), torch.tensor([4, 0, 2])
+b = engine_kernels.decode_attention_torch(q, kc[rows], vc[rows], lengths, 0.17)
+assert torch.allclose(engine_kernels.decode_attention_torch(q, kc, vc, lengths, 0.17, rows), b)
+for config in engine_kernels.ATTENTION_CONFIGS[:4] + [(4096, 64, 4, 3)]:
+    a = engine_kernels.decode_attention_triton(q, kc, vc, lengths, 0.17, config, rows=rows)
+    assert ((a - b).norm() / b.norm()) < 1e-5, config
 probs = torch.softmax(torch.randn(4, 9000) * 3, -1)
 bits = probs.view(torch.int32)
 middle = bits.median(-1, keepdim=True).values
