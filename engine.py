@@ -325,26 +325,28 @@ class Engine:
                                            (ways,) if ways else SEARCH_WAY_CHOICES)
 
     def capture(self):
-        """Record step() as one CUDA graph.  The warm-up runs compile the kernels on a side stream
-        while every slot is still empty (done), so they leave no trace in the results.  With
-        options.compile_layers, each transformer block, the score and the top-k/top-p filter run through
-        torch.compile while the graph is recorded (fusing norms, rotary, activations and the passes
+        """Record step() as CUDA graphs: one of every slot, and one for each of the drain's smaller
+        batches.  The warm-up runs compile the kernels on a side stream while every slot is still
+        empty (done), so they leave no trace in the results.  With options.compile_layers, each
+        transformer block, the score and the top-k/top-p filter of the full step run through
+        torch.compile while its graph is recorded (fusing norms, rotary, activations and the passes
         over B x V), and so do the draw and the bookkeeping (some 130 small kernels eagerly); prefill
         stays eager.  A compiler failure must not stop generation: then the draw and bookkeeping, next
-        the score and filter, and if that is not enough the blocks too, fall back to eager kernels."""
+        the score and filter, and if that is not enough the blocks too, fall back to eager kernels.
+        The drain's steps are recorded from the eager kernels: compiling each of their shapes took
+        over a minute of setup (H200, the bench's models) to save a second or two of a call's drain."""
         self.tune()
-        # each compiled function compiles once per model shape and step batch
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   8 + len(self.groups) * len(self.batches))
         blocks = [b for nets, stack in self.groups if stack is None for net in nets for b in decoder_layers(net)]
         tiers = [("blocks, score, filter and draw", True, True, True), ("blocks, score and filter", True, True, False),
                  ("blocks", True, False, False)]
         tiers = tiers if self.options.compile_layers else []
+        full, drain = self.batches[:1], self.batches[1:]
+        pool = torch.cuda.graph_pool_handle()   # the steps never run at once: their graphs share one pool
         try:
             for name, compile_blocks, compile_score, compile_draw in tiers + [("nothing", False, False, False)]:
                 self.compile_parts(blocks, compile_blocks, compile_score, compile_draw)
                 try:
-                    self.warm_up()
+                    self.warm_up(full)
                     self.compiled = name
                     break
                 except Exception as e:
@@ -352,14 +354,18 @@ class Engine:
                         raise
                     print(f"engine: torch.compile of the {name} failed ({type(e).__name__}: {str(e)[:200]}), "
                           "compiling less", file=sys.stderr)
-            # the steps never run at once, so their graphs share one memory pool
-            pool = torch.cuda.graph_pool_handle()
-            for batch in self.batches:
-                self.graphs[batch] = torch.cuda.CUDAGraph()
-                with self.narrowed(batch), torch.cuda.graph(self.graphs[batch], pool=pool):
-                    self.step()
+            self.record(self.slots, pool)
+            self.compile_parts(blocks, False, False)
+            self.warm_up(drain)
+            for batch in drain:
+                self.record(batch, pool)
         finally:
             self.compile_parts(blocks, False, False)
+
+    def record(self, batch, pool):
+        self.graphs[batch] = torch.cuda.CUDAGraph()
+        with self.narrowed(batch), torch.cuda.graph(self.graphs[batch], pool=pool):
+            self.step()
 
     def compile_parts(self, hf_blocks, blocks, score, draw=False):
         """Route the decode step through compiled (True) or eager (False) blocks, score/filter and
@@ -379,11 +385,11 @@ class Engine:
         self.draw_fn = torch.compile(self.draw, dynamic=False) if draw else self.draw
         self.book_fn = torch.compile(self.book, dynamic=False) if draw else self.book
 
-    def warm_up(self):
+    def warm_up(self, batches):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for batch in self.batches:
+            for batch in batches:
                 with self.narrowed(batch):
                     for _ in range(2):
                         self.step()
