@@ -11,7 +11,9 @@ neither the batch a row lands in nor its slot changes its sample), at a fraction
   times fastest on this GPU for these shapes, chosen once per process before the step is recorded;
 - a Scheduler on the host looks at the slots every `check_every` steps and refills a finished row's
   slot with the next prompt (prefilled outside the graph), so the batch stays full while trace
-  lengths vary; results come back in input order.
+  lengths vary; once nothing is left to prefill (the drain), the live rows move to the first slots
+  and a step of half, a quarter, ... the batch runs them (graphs recorded up front); results come
+  back in input order.
 On CPU the same code runs eagerly.  decode.generate is the entry point (it falls back to the
 reference loop for requests the engine does not run); directly:
 
