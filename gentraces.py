@@ -69,6 +69,7 @@ class GenSettings(utils.Settings):
     answer_force: bool
     answer_force_tokens: utils.Count
     engine: Literal["auto", "eager", "reference"]
+    drain_steps: utils.NonNegativeInt
     exp_dir: utils.OutputDir
     trace_name: utils.Name
     trace_colname: utils.Name
@@ -298,6 +299,14 @@ def prepare_workdir(cfg, state):
     return work
 
 
+def engine_options(cfg):
+    """The engine's options from the config (None for the reference loop, which never loads the engine)."""
+    if cfg.engine == "reference":
+        return None
+    import engine  # here, not above: it loads Triton, which the reference loop never needs
+    return engine.EngineOptions(drain_steps=cfg.drain_steps)
+
+
 def answer_force(models, tokenizer, rows, cfg, batch_size, engine):
     """Close the trace (</think> if missing), append the forcing string and decode greedily with the
     generating model alone."""
@@ -309,7 +318,8 @@ def answer_force(models, tokenizer, rows, cfg, batch_size, engine):
     teacher_only = sampling.DecodeModels(teacher=models.teacher, vocab_size=models.vocab_size,
                                          eos_ids=models.eos_ids, pad_id=models.pad_id)
     n = [cfg.answer_force_tokens] * len(rows)
-    outs, _ = decode.generate(teacher_only, prompts, [r["idx"] for r in rows], n, greedy, batch_size, engine)
+    outs, _ = decode.generate(teacher_only, prompts, [r["idx"] for r in rows], n, greedy, batch_size, engine,
+                              options=engine_options(cfg))
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
 
 
@@ -332,7 +342,7 @@ def decode_chunks(models, chunks, which, cfg, params, progress, work):
 
     budgets = [min(cfg.max_length - len(ex["prompt_ids"]), cfg.max_new_tokens or cfg.max_length) for ex in examples]
     decode.generate(models, [ex["prompt_ids"] for ex in examples], [ex["idx"] for ex in examples], budgets, params,
-                    cfg.batch_size, cfg.engine, progress, on_done=on_done)
+                    cfg.batch_size, cfg.engine, progress, options=engine_options(cfg), on_done=on_done)
     progress.decoded(len(examples))
 
 
@@ -559,7 +569,7 @@ def main(argv):
     rows = grade(gather(work, n_chunks), utils.parse_split(cfg.data_split)[0], cfg.trace_colname, cfg.fewshot > 0)
     stats = trace_stats(rows, n_dropped, time.time() - start)
     diagnostics = {**models.diagnostics, "eps": params.eps, "processes": state.num_processes, "device": str(state.device),
-                   "engine": cfg.engine, "vocab_size": models.vocab_size,
+                   "engine": cfg.engine, "drain_steps": cfg.drain_steps, "vocab_size": models.vocab_size,
                    "peak_gpu_memory_gib": utils.peak_gpu_gib(state.device), "memory_cap_gib": memory_cap}
     save_outputs(cfg, rows, stats, diagnostics)
     log_stage_numbers(cfg, stats, diagnostics)

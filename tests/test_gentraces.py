@@ -191,6 +191,7 @@ def test_bad_gradient_file_is_one_clear_error_and_writes_nothing(kind, message, 
     ({"tau": 1.0, "ads_control": "permute"}, "it needs lam != 0"),
     ({"ads_control": "shuffle"}, "ads_control must be 'none' or 'permute', got 'shuffle'"),
     ({"engine": "vllm"}, "engine must be 'auto', 'eager' or 'reference', got 'vllm'"),
+    ({"drain_steps": -1}, "drain_steps must be"),
     ({"teacher": "/nonexistent/teacher"}, "teacher must be a model directory or a Hub id"),
 ])
 def test_bad_config_is_one_clear_error_and_writes_nothing(override, message, tiny_assets, tmp_path):
@@ -305,6 +306,25 @@ def test_ads_traces_on_untrained_models_do_not_depend_on_batch_size_or_engine(un
     a, b = load_rows(tmp_path / "a"), load_rows(tmp_path / "b")
     assert [(r["completion"], r["forced"]) for r in a] == [(r["completion"], r["forced"]) for r in b]
     assert yaml.safe_load((tmp_path / "a" / "traces" / "t.yaml").read_text())["diagnostics"]["grad_rms"] > 0
+
+
+def test_drain_steps_reach_the_engine_and_leave_float32_traces_unchanged(untrained_assets, tmp_path, monkeypatch):
+    import engine
+    real, seen = engine.generate, []
+
+    def recording(*args, **kwargs):
+        seen.append(args[7].drain_steps)  # options, as decode.generate passes them
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", recording)
+    sampled = dict(tau=1.0, max_samples=5, batch_size=4, system_prompt=tf.SYSTEM)
+    for name, halvings in (("a", 4), ("b", 0)):
+        gentraces.main(base_args(untrained_assets, tmp_path / name, drain_steps=halvings, **sampled))
+        assert set(seen) == {halvings}  # the traces' decode and the answer forcing
+        seen.clear()
+    a, b = load_rows(tmp_path / "a"), load_rows(tmp_path / "b")
+    assert [(r["completion"], r["forced"]) for r in a] == [(r["completion"], r["forced"]) for r in b]
+    assert yaml.safe_load((tmp_path / "b" / "traces" / "t.yaml").read_text())["diagnostics"]["drain_steps"] == 0
 
 
 def test_token_details_are_stored_for_the_first_prompts_and_stage_numbers_reach_tensorboard(untrained_assets,
