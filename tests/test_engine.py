@@ -135,16 +135,17 @@ def test_sampled_tokens_equal_generate_reference(teacher, proxies):
     assert got == want
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_the_drain_runs_smaller_steps_on_moved_rows_and_keeps_every_token(fused, teacher, proxies):
+@pytest.mark.parametrize("layout", [{}, {"fused": False}, {"stack_models": False}, {"refill": False}])
+def test_the_drain_runs_smaller_steps_on_moved_rows_and_keeps_every_token(layout, teacher, proxies):
     """Once nothing is queued the live rows move to the first slots and halved steps run them: fewer
-    row-steps, the same tokens (through the stacked caches and through the Hugging Face modules')."""
+    row-steps, the same tokens (through the stacked caches, a Stack per proxy, the Hugging Face
+    modules' caches, and in the last of static batches)."""
     models, params, prompts, rows, max_new = ragged_request(teacher, proxies)
     want = generate_reference(models, prompts, rows, max_new, params)
     row_steps = {}
     for halvings in (0, 1, 3):
         timings = {}
-        options = EngineOptions(check_every=2, drain_steps=halvings, fused=fused, timings=timings)
+        options = EngineOptions(check_every=2, drain_steps=halvings, timings=timings, **layout)
         assert engine.generate(models, prompts, rows, max_new, params, batch_size=5, options=options) == want
         row_steps[halvings] = timings["row_steps"]
         if halvings == 0:
