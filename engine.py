@@ -70,6 +70,12 @@ class EngineOptions:
     #                                        compiled, prefill_s, decode_s, steps and row_steps (steps x their
     #                                        rows; device syncs around prefill)
 
+    def __post_init__(self):
+        if self.search_ways is not None and self.search_ways not in SEARCH_WAY_CHOICES:
+            raise ValueError(f"search_ways must be one of {SEARCH_WAY_CHOICES} (or None: tuned), not {self.search_ways}")
+        if type(self.drain_steps) is not int or self.drain_steps < 0:
+            raise ValueError(f"drain_steps must be a whole number of halvings (0: off), not {self.drain_steps!r}")
+
 
 # attention over static slot caches
 
@@ -182,10 +188,6 @@ class Engine:
 
     def __init__(self, models, params, slots, max_len, max_new, options=None):
         self.options = options = options or EngineOptions()
-        if options.search_ways is not None and options.search_ways not in SEARCH_WAY_CHOICES:
-            raise ValueError(f"search_ways must be one of {SEARCH_WAY_CHOICES} (or None: tuned), not {options.search_ways}")
-        if not isinstance(options.drain_steps, int) or options.drain_steps < 0:
-            raise ValueError(f"drain_steps must be a whole number of halvings (0: off), not {options.drain_steps!r}")
         self.params, self.vocab, self.pad = params, models.vocab_size, models.pad_id
         self.nets = [models.teacher] + ([models.plus, models.minus] if params.uses_proxy else [])
         for net in self.nets:
@@ -325,6 +327,8 @@ class Engine:
             ways = self.options.search_ways
             self.search_ways = tune_search(probs, self.params.top_p, self.options.tune_timer,
                                            (ways,) if ways else SEARCH_WAY_CHOICES)
+            for batch in self.batches[1:]:  # the search's pass layout for the drain's rows, at the same ways
+                tune_search(probs[:batch], self.params.top_p, self.options.tune_timer, (self.search_ways,))
 
     def capture(self):
         """Record step() as CUDA graphs: one of every slot, and one for each of the drain's smaller
@@ -358,9 +362,14 @@ class Engine:
                           "compiling less", file=sys.stderr)
             self.record(self.slots, pool)
             self.compile_parts(blocks, False, False)
-            self.warm_up(drain)
-            for batch in drain:
-                self.record(batch, pool)
+            try:
+                self.warm_up(drain)
+                for batch in drain:
+                    self.record(batch, pool)
+            except Exception as e:  # the full step runs every row; the drain only saves time
+                print(f"engine: recording the drain's smaller steps failed ({type(e).__name__}: {str(e)[:200]}), "
+                      "every step runs the full batch", file=sys.stderr)
+                self.batches, self.graphs = self.batches[:1], {self.slots: self.graphs[self.slots]}
         finally:
             self.compile_parts(blocks, False, False)
 

@@ -149,9 +149,8 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, scale, rows=None):
     kv_heads = k_cache.shape[1]
     # on CPU read only the filled width; on GPU (captured in a graph) the whole cache, masked
     width = k_cache.shape[2] if q.is_cuda or torch.compiler.is_compiling() else int(lengths.max())
-    if rows is not None:
-        k_cache, v_cache = k_cache[rows], v_cache[rows]
-    k, v = k_cache[:n, :, :width].float(), v_cache[:n, :, :width].float()
+    rows = slice(0, n) if rows is None else rows  # a gather of the filled width only, not of whole slots
+    k, v = k_cache[rows, :, :width].float(), v_cache[rows, :, :width].float()
     qg = q.float().view(n, kv_heads, heads // kv_heads, dim)
     s = qg @ k.transpose(-1, -2) * scale
     past_end = torch.arange(width, device=q.device) >= lengths[:, None, None, None]

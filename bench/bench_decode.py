@@ -418,8 +418,9 @@ def main():
             print(rows[-1], flush=True)
         lt["speedup"] = lt["continuous"]["tok_s"] / lt["static"]["tok_s"]
         lt["speedup_full_drain"] = lt["full_drain"]["tok_s"] / lt["static"]["tok_s"]
-        # the drain's steps run other GEMM kernels (cuBLAS picks them by row count), so bf16 logits can
-        # round differently there: how many rows, and tokens up to each row's first difference, agree
+        # the drain's steps run other kernels (cuBLAS picks its GEMMs by row count; they are recorded from
+        # the eager kernels, not the compiled ones), so logits can round differently there: how many
+        # rows, and tokens up to each row's first difference, agree
         pairs = list(zip(tokens["continuous"], tokens["full_drain"]))
         prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in pairs]
         lt["drain_rows_equal"] = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"

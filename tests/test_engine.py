@@ -135,22 +135,45 @@ def test_sampled_tokens_equal_generate_reference(teacher, proxies):
     assert got == want
 
 
+@pytest.fixture(scope="module")
+def soft_models():
+    """Teacher and perturbed proxies with flatter distributions than the shared fixtures' (sharpened
+    2x, not 40x), so that a row decoded from wrong state or cache draws other tokens."""
+    from conftest import tiny_qwen
+    proxy = tiny_qwen(72, seed=1, hidden=16, sharpen=2.0)
+    g = torch.Generator().manual_seed(3)
+    plus, minus, _ = perturbed_proxies(proxy, {n: torch.randn(p.shape, generator=g) for n, p in proxy.named_parameters()},
+                                       EPS)
+    return decode_models(tiny_qwen(80, seed=0, sharpen=2.0), (plus, minus), eos_ids=(3, 9))
+
+
 @pytest.mark.parametrize("layout", [{}, {"fused": False}, {"stack_models": False}, {"refill": False}])
-def test_the_drain_runs_smaller_steps_on_moved_rows_and_keeps_every_token(layout, teacher, proxies):
+def test_the_drain_runs_smaller_steps_on_moved_rows_and_keeps_every_token(layout, soft_models, monkeypatch):
     """Once nothing is queued the live rows move to the first slots and halved steps run them: fewer
     row-steps, the same tokens (through the stacked caches, a Stack per proxy, the Hugging Face
     modules' caches, and in the last of static batches)."""
-    models, params, prompts, rows, max_new = ragged_request(teacher, proxies)
-    want = generate_reference(models, prompts, rows, max_new, params)
+    params = SamplingParams(tau=1.0, lam=0.5, top_p=0.95, seed=7)
+    prompts, rows = ragged_prompts(11, seed=12), list(range(100, 111))
+    max_new = [9, 15, 15, 7, 5, 13, 7, 13, 15, 3, 5]  # budgets (and EOS) under which two rows move at once
+    want = generate_reference(soft_models, prompts, rows, max_new, params)
+    real, moves = engine.Engine.shrink, []
+    monkeypatch.setattr(engine.Engine, "shrink", lambda self, live: moves.append(real(self, live)) or moves[-1])
     row_steps = {}
     for halvings in (0, 1, 3):
         timings = {}
-        options = EngineOptions(check_every=2, drain_steps=halvings, timings=timings, **layout)
-        assert engine.generate(models, prompts, rows, max_new, params, batch_size=5, options=options) == want
+        options = EngineOptions(check_every=1, drain_steps=halvings, timings=timings, **layout)
+        assert engine.generate(soft_models, prompts, rows, max_new, params, batch_size=6, options=options) == want
         row_steps[halvings] = timings["row_steps"]
         if halvings == 0:
-            assert row_steps[0] == 5 * timings["steps"]
+            assert row_steps[0] == 6 * timings["steps"] and not any(moves)
     assert row_steps[3] < row_steps[1] < row_steps[0]
+    assert max(len(m) for m in moves) >= 2  # rows did move, more than one at once
+
+
+@pytest.mark.parametrize("halvings", [-1, True, 1.5])
+def test_a_drain_step_count_that_is_not_a_whole_number_is_refused_in_one_line(halvings):
+    with pytest.raises(ValueError, match="drain_steps must be a whole number of halvings"):
+        EngineOptions(drain_steps=halvings)
 
 
 def test_step_batches_halve_down_to_one_row():
