@@ -18,13 +18,14 @@ ENGINES = ("auto", "eager", "reference")
 
 
 def generate(models, prompts, rows, max_new, params, batch_size, engine="auto", progress=None, options=None,
-             on_done=None):
+             on_done=None, drain_steps=None):
     """Decode all prompts with batch_size slots: the engine by default ('eager': the same engine
     without torch.compile), the reference loop over chunks of batch_size prompts when
     engine='reference' or the engine does not run the request (said on stderr).  progress(tokens,
     rows), if given, is called with the tokens generated and the rows finished as they happen;
     on_done(i, tokens, ended), once per prompt as soon as prompt i is decoded (in no fixed order).
-    options: engine.EngineOptions for the engine (benchmarks).  Returns (tokens, ended) per prompt."""
+    options: engine.EngineOptions for the engine (benchmarks); drain_steps, if given, replaces its
+    drain_steps (halvings of the batch for a call's last rows).  Returns (tokens, ended) per prompt."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     check_eps(models, params)
@@ -33,6 +34,8 @@ def generate(models, prompts, rows, max_new, params, batch_size, engine="auto", 
         reason = fast.unsupported_reason(models, params)
         if reason is None:
             options = options or fast.EngineOptions()
+            if drain_steps is not None:
+                options = replace(options, drain_steps=drain_steps)
             if engine == "eager":
                 options = replace(options, compile_layers=False)
             return fast.generate(models, prompts, rows, max_new, params, batch_size, progress, options, on_done)

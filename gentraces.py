@@ -299,14 +299,6 @@ def prepare_workdir(cfg, state):
     return work
 
 
-def engine_options(cfg):
-    """The engine's options from the config (None for the reference loop, which never loads the engine)."""
-    if cfg.engine == "reference":
-        return None
-    import engine  # here, not above: it loads Triton, which the reference loop never needs
-    return engine.EngineOptions(drain_steps=cfg.drain_steps)
-
-
 def answer_force(models, tokenizer, rows, cfg, batch_size, engine):
     """Close the trace (</think> if missing), append the forcing string and decode greedily with the
     generating model alone."""
@@ -319,7 +311,7 @@ def answer_force(models, tokenizer, rows, cfg, batch_size, engine):
                                          eos_ids=models.eos_ids, pad_id=models.pad_id)
     n = [cfg.answer_force_tokens] * len(rows)
     outs, _ = decode.generate(teacher_only, prompts, [r["idx"] for r in rows], n, greedy, batch_size, engine,
-                              options=engine_options(cfg))
+                              drain_steps=cfg.drain_steps)
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
 
 
@@ -342,7 +334,7 @@ def decode_chunks(models, chunks, which, cfg, params, progress, work):
 
     budgets = [min(cfg.max_length - len(ex["prompt_ids"]), cfg.max_new_tokens or cfg.max_length) for ex in examples]
     decode.generate(models, [ex["prompt_ids"] for ex in examples], [ex["idx"] for ex in examples], budgets, params,
-                    cfg.batch_size, cfg.engine, progress, options=engine_options(cfg), on_done=on_done)
+                    cfg.batch_size, cfg.engine, progress, on_done=on_done, drain_steps=cfg.drain_steps)
     progress.decoded(len(examples))
 
 
