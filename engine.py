@@ -1,7 +1,8 @@
 """The decode engine: static KV slots, one CUDA graph per decode step, continuous batching.
 
-Same tokens as decode.generate_reference (the noise is keyed on (seed, prompt index, position), so
-neither the batch a row lands in nor its slot changes its sample), at a fraction of the cost:
+Same tokens as decode.generate_reference in float32 (the noise is keyed on (seed, prompt index,
+position), so neither the batch a row lands in nor its slot changes its sample; on a GPU, up to the
+rounding of the kernels a step picks: README, Determinism), at a fraction of the cost:
 - every model keeps its K/V in static (slots, kv_heads, max_len, head_dim) caches, written and read
   by an attention function registered with transformers' AttentionInterface (so the Hugging Face
   model classes run unchanged), or by the fused block stack (stack.py) for Llama/Qwen2-form models;
@@ -43,9 +44,9 @@ TUNE_MIN_VOCAB = 32768   # smaller models run tiny kernels: tuning's compiles wo
 
 @dataclass
 class EngineOptions:
-    """How engine.generate runs.  decode.generate sets compile_layers (off for engine='eager'); the
-    other fields are the benchmark's switches (bench/bench_decode.py), for before/after runs in one
-    process, and keep their defaults everywhere else."""
+    """How engine.generate runs.  decode.generate sets compile_layers (off for engine='eager') and
+    drain_steps (gentraces' config); the other fields are the benchmark's switches
+    (bench/bench_decode.py), for before/after runs in one process, and keep their defaults everywhere else."""
     compile_layers: bool = True            # on GPU, blocks, score, filter and draw through torch.compile (off: eager)
     gemm_autotune: bool = False            # compiled blocks' matmuls picked by Inductor's max-autotune (Triton
     #                                        templates timed against cuBLAS per shape; a longer compile)
@@ -112,8 +113,8 @@ def detach_slot_caches(model):
 def slot_attention(module, query, key, value, attention_mask, scaling=None, slot_positions=None,
                    slot_prefill=None, **kwargs):
     """AttentionInterface entry: the Hugging Face layer hands over post-rotary q/k/v (no HF cache);
-    write them into the slot cache, then attend.  Decode: one token per slot, every slot in order,
-    at slot_positions (n, 1); prefill: as slot_prefill says.  Returns (n, T, heads, dim)."""
+    write them into the slot cache, then attend.  Decode: one token for each of the first n slots, in
+    order (every slot, or the drain's fewer), at slot_positions (n, 1); prefill: as slot_prefill says.  Returns (n, T, heads, dim)."""
     if slot_positions is None and slot_prefill is None:
         raise ValueError("a model switched to the engine's attention was called outside the engine")
     k_cache, v_cache = module.slot_k, module.slot_v
@@ -184,7 +185,8 @@ def step_batches(slots, halvings):
 
 class Engine:
     """Decode slots for one request: static state tensors, the per-step function (captured as one
-    CUDA graph on GPU), prefill into chosen slots, and the kernel tuning before capture."""
+    CUDA graph per step batch on GPU: every slot, and the drain's fewer), prefill into chosen slots,
+    moving rows to the first slots for the drain, and the kernel tuning before capture."""
 
     def __init__(self, models, params, slots, max_len, max_new, options=None):
         self.options = options = options or EngineOptions()
