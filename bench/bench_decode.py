@@ -42,7 +42,8 @@ parser.add_argument("--stages", default="check,engine,reference,unfused", help="
                     "Triton passes), ways16 (the top-p search at 16 thresholds a pass, as before the engine tuned it), longtail "
                     "(768 long-tailed traces: continuous batching with and without the drain's smaller steps, and static "
                     "batches), chunks (gentraces' chunks of 4 x 192 long-tailed prompts one engine call each, "
-                    "as before gentraces.decode_chunks, or all in one call)")
+                    "as before gentraces.decode_chunks, or all in one call), bound (the step's matmuls and attention timed alone at "
+                    "their best, against the targets; the step at every row count, pricing the long-tailed workload's rows)")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
 parser.add_argument("--new", type=int, default=512, help="generated tokens per row (EOS ignored)")
@@ -328,6 +329,115 @@ def profile_step(models, params, batch):
                 prefill_gpu_ms=sum(r[2] for r in prefill) / 1e3, step_kernels=step, prefill_kernels=prefill)
 
 
+def attention_ms(cfg, rows, max_len, contexts):
+    """ms per decode attention call at each context (every row that long), the fastest of the
+    engine's layouts at each, alone in a CUDA graph: the call's best, whatever the tuner picks."""
+    dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    like = dict(dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(rows, cfg["num_attention_heads"], dim, **like)
+    k, v = (torch.randn(rows, cfg["num_key_value_heads"], max_len, dim, **like) for _ in range(2))
+    best = {}
+    for ctx in contexts:
+        lengths = torch.full((rows,), ctx, dtype=torch.long, device="cuda")
+        best[ctx] = min(engine_kernels.gpu_ms(lambda: engine_kernels.decode_attention_triton(q, k, v, lengths, dim ** -0.5, c))
+                        for c in engine_kernels.ATTENTION_CONFIGS)
+    return best
+
+
+def step_ms_by_rows(models, params, batch, contexts, steps=16):
+    """ms per captured engine step at each of its step batches (every slot, then halvings down to one
+    row: the drain's steps), with every row live at each context."""
+    eng = engine.Engine(models, params, batch, args.prompt_len + args.new, args.new, EngineOptions(drain_steps=16))
+    out = {}
+    try:
+        with engine.slot_attention_on(eng.nets), torch.no_grad():
+            eng.capture()
+            eng.prefill(list(range(batch)), random_prompts(batch, args.prompt_len, 5), list(range(batch)), [args.new] * batch)
+            start = {name: getattr(eng, name).clone() for name in engine.SLOT_STATE}
+            for ctx in contexts:
+                for rows in eng.batches:
+                    for name, t in start.items():
+                        getattr(eng, name).copy_(t)
+                    eng.seq_len.fill_(ctx)
+                    eng.batch = rows
+                    eng.advance(2)
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    eng.advance(steps)
+                    end.record()
+                    end.synchronize()
+                    out.setdefault(ctx, {})[rows] = begin.elapsed_time(end) / steps
+    finally:
+        eng.release()
+    return out
+
+
+def bound(models, results):
+    """What issue 18's targets ask of the kernels.  The step's matmuls (bench_gemm's forms, the fastest
+    of each) and its decode attention (the fastest layout at each of the run's contexts), each timed
+    alone, summed: a step cannot be faster than these two parts with nothing else in it.  And the
+    engine's step at every row count, to price the long-tailed workload's rows as an engine would run
+    them that refilled every step and sized every step to its live rows."""
+    from bench_gemm import time_matmul
+    from real_shapes import step_matmuls
+    from schedule import rows_per_step
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    matmul_ms = {}
+    for name, cfg, stacked in (("teacher", TEACHER, 1), ("proxies", PROXY, 2)):
+        matmul_ms[name] = sum(calls * min(time_matmul(192, s, n, k, False, l2)[0].values())
+                              for _, s, n, k, calls in step_matmuls(cfg, stacked)) / 1e3
+        print("bound: matmuls", name, f"{matmul_ms[name]:.2f} ms", flush=True)
+    context = args.prompt_len + args.new
+    contexts = torch.linspace(args.prompt_len + 1, context, 9).round().long().tolist()  # the run's, evenly
+    attention = {name: attention_ms(cfg, rows, context, contexts)
+                 for name, cfg, rows in (("teacher", TEACHER, 192), ("proxies", PROXY, 2 * 192))}
+    attention_step = {name: sum(attention[name].values()) / len(contexts) * cfg["num_hidden_layers"]
+                      for name, cfg in (("teacher", TEACHER), ("proxies", PROXY))}
+    out = dict(matmul_ms=matmul_ms, attention_contexts=contexts, attention_call_ms=attention,
+               attention_step_ms=attention_step)
+    nets = {"ads": [models.teacher, models.plus, models.minus], "plain": [models.teacher]}
+    parts = {"ads": ("teacher", "proxies"), "plain": ("teacher",)}
+    for mode, target in (("ads", 75), ("plain", 70)):
+        roof = 1e3 * roofline(192, args.prompt_len + args.new / 2, nets[mode])
+        kernels = sum(matmul_ms[p] + attention_step[p] for p in parts[mode])
+        measured = next((r["ms_per_step"] for r in results.get(f"engine_{mode}", []) if r["batch"] == 192), None)
+        out[mode] = dict(roofline_ms=roof, target_pct=target, target_ms=100 * roof / target, matmuls_and_attention_ms=kernels,
+                         best_pct_of_roofline=100 * roof / kernels, left_for_the_rest_ms=100 * roof / target - kernels,
+                         engine_ms=measured, engine_rest_ms=measured and measured - kernels)
+        print("bound:", mode, out[mode], flush=True)
+    e = next((r for r in results.get("engine_ads", []) if r["batch"] == 192), None)
+    if e:
+        tokens = 192 * args.new
+        out["ads"]["best_e2e_tok_s"] = tokens / (e["prefill_s"] + args.new * out["ads"]["matmuls_and_attention_ms"] / 1e3)
+        out["ads"]["step_ms_for_11000_e2e"] = 1e3 * (tokens / 11000 - e["prefill_s"]) / args.new
+    rows_ms = step_ms_by_rows(models, ADS, 192, (args.prompt_len, args.prompt_len + args.new // 2))
+    out["step_ms_by_rows"] = rows_ms
+    print("bound: step ms by rows", rows_ms, flush=True)
+    lt = results.get("longtail_ads_192")
+    if lt:
+        budgets, _ = longtail_workload(args.longtail_prompts, 7)
+        # at the prompt's context (every row's least), each row count priced at the next smaller one timed
+        cost = rows_ms[args.prompt_len]
+        at = lambda n: cost[max(b for b in cost if b <= n)]  # noqa: E731
+        exact = rows_per_step(budgets, 192, 1, list(range(192, 0, -1)), live_only=True)
+        engine_rows = rows_per_step(budgets, 192, 16, engine.step_batches(192, 4))
+        prefill = min(lt[k]["prefill_s"] for k in ("continuous", "static"))
+        decode_exact = sum(map(at, exact)) / 1e3
+        full = sum(n == 192 for n in exact)
+        out["longtail"] = dict(
+            exact_steps=len(exact), exact_full_steps=full, exact_row_steps=sum(exact),
+            engine_schedule_priced_s=sum(map(at, engine_rows)) / 1e3, engine_decode_s=lt["continuous"]["decode_s"],
+            exact_decode_s=decode_exact, static_wall_s=lt["static"]["wall_s"], prefill_s=prefill,
+            exact_speedup=lt["static"]["wall_s"] / (prefill + decode_exact),
+            # decode time 2x allows, and what is left of it per step of the tail after the full steps
+            decode_s_for_2x=lt["static"]["wall_s"] / 2 - prefill,
+            tail_step_ms_for_2x=(1e3 * (lt["static"]["wall_s"] / 2 - prefill) - full * cost[192]) / (len(exact) - full),
+            weight_read_ms=1e3 * sum(p.numel() * p.element_size() for m in nets["ads"] for p in m.parameters()
+                                     if p is not m.get_input_embeddings().weight or m.config.tie_word_embeddings) / COPY_BW)
+        print("bound: longtail", out["longtail"], flush=True)
+    return out
+
+
 def largest_batch(models, per_slot_tokens):
     """Slots whose KV caches fit in what is free, keeping 24 GiB for activations and the graph pool
     (capped at 1024 to bound the run's time)."""
@@ -426,6 +536,9 @@ def main():
         lt["drain_rows_equal"] = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
         lt["drain_tokens_before_first_difference"] = sum(prefix) / sum(len(b) for _, b in pairs)
         results["longtail_ads_192"] = lt
+        save()
+    if "bound" in stages:
+        results["bound"] = bound(models, results)
         save()
     if "chunks" in stages:
         results["chunks_ads_192"] = chunks = time_chunks(models, *longtail_workload(2 * args.longtail_prompts, 8))
