@@ -419,8 +419,8 @@ def bound(models, results):
         # at the prompt's context (every row's least), each row count priced at the next smaller one timed
         cost = rows_ms[args.prompt_len]
         at = lambda n: cost[max(b for b in cost if b <= n)]  # noqa: E731
-        exact = rows_per_step(budgets, 192, 1, list(range(192, 0, -1)), live_only=True)
-        engine_rows = rows_per_step(budgets, 192, 16, engine.step_batches(192, 4))
+        exact = rows_per_step(budgets, 192, 1, live_only=True)
+        engine_rows = rows_per_step(budgets, 192, 16, EngineOptions().drain_steps)
         prefill = min(lt[k]["prefill_s"] for k in ("continuous", "static"))
         decode_exact = sum(map(at, exact)) / 1e3
         full = sum(n == 192 for n in exact)

@@ -5,16 +5,23 @@ the live rows in the smallest step batch that holds them.  bench_decode.py's `bo
 these rows with measured step times; tests/test_schedule.py holds the replay to the engine's own
 step and row-step counts.
 
-    from schedule import rows_per_step; rows_per_step([300, 40, 512], slots=2, check_every=16, batches=[2, 1])
+    from schedule import rows_per_step; rows_per_step([300, 40, 512], slots=2, check_every=16, halvings=1)
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine import step_batches  # noqa: E402
 
 
-def rows_per_step(budgets, slots, check_every, batches, refill=True, live_only=False):
-    """Rows of every decode step, in order.  batches: the engine's step batches (engine.step_batches:
-    every slot first, then the drain's); refill False: a whole batch of prompts finishes before the
-    next starts.  live_only: count each step's unfinished rows instead of the batch it runs, i.e. an
-    engine whose steps always fit their rows exactly."""
+def rows_per_step(budgets, slots, check_every, halvings=0, refill=True, live_only=False):
+    """Rows of every decode step, in order, of engine.generate(..., batch_size=slots) with
+    EngineOptions(check_every, drain_steps=halvings, refill).  refill False: a whole batch of prompts
+    finishes before the next starts.  live_only: count each step's unfinished rows instead of the
+    batch it runs (steps with none are left out), i.e. an engine whose steps always fit their rows."""
     queue = [b for b in reversed(budgets) if b > 0]  # next prompt last
+    slots = min(slots, len(queue))  # as engine.generate sizes its engine
+    batches = step_batches(slots, halvings)
     left = [0] * slots      # tokens still to generate in each slot
     owned = [False] * slots
     batch, rows = slots, []
@@ -26,7 +33,9 @@ def rows_per_step(budgets, slots, check_every, batches, refill=True, live_only=F
         if not any(owned):
             return rows
         for _ in range(check_every):
-            rows.append(sum(n > 0 for n in left) if live_only else batch)
+            live = sum(n > 0 for n in left)
+            if live or not live_only:
+                rows.append(live if live_only else batch)
             left = [max(n - 1, 0) for n in left]
         for s in range(slots):
             owned[s] = owned[s] and left[s] > 0

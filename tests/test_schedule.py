@@ -14,26 +14,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from schedule import rows_per_step  # noqa: E402
 
 
-@pytest.mark.parametrize("check_every,halvings,refill", [(1, 0, True), (1, 3, True), (3, 2, True), (2, 0, False),
-                                                         (4, 2, False)])
-def test_replayed_schedule_has_the_engines_steps_and_row_steps(teacher, check_every, halvings, refill):
+BUDGETS = [9, 1, 14, 3, 0, 11, 6, 2, 13, 5, 8, 4, 12]
+
+
+@pytest.mark.parametrize("budgets,slots,check_every,halvings,refill", [
+    (BUDGETS, 5, 1, 0, True), (BUDGETS, 5, 1, 3, True), (BUDGETS, 5, 3, 2, True), (BUDGETS, 5, 2, 0, False),
+    (BUDGETS, 5, 4, 2, False), ([0, 7, 3], 4, 1, 2, True)])  # more slots than prompts: the engine has fewer
+def test_replayed_schedule_has_the_engines_steps_and_row_steps(teacher, budgets, slots, check_every, halvings, refill):
     models = DecodeModels(teacher=teacher, vocab_size=70, eos_ids=[], pad_id=0)
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(5, 70, (int(n),), generator=g).tolist() for n in torch.randint(2, 7, (13,), generator=g)]
-    budgets = [9, 1, 14, 3, 0, 11, 6, 2, 13, 5, 8, 4, 12]
+    prompts = [torch.randint(5, 70, (int(n),), generator=g).tolist() for n in torch.randint(2, 7, (len(budgets),), generator=g)]
     timings = {}
     options = EngineOptions(check_every=check_every, drain_steps=halvings, refill=refill, timings=timings)
-    tokens, _ = engine.generate(models, prompts, list(range(13)), budgets, SamplingParams(tau=1.0, seed=3), 5,
-                                options=options)
+    tokens, _ = engine.generate(models, prompts, list(range(len(budgets))), budgets, SamplingParams(tau=1.0, seed=3),
+                                slots, options=options)
     assert [len(t) for t in tokens] == budgets
-    rows = rows_per_step(budgets, 5, check_every, engine.step_batches(5, halvings), refill)
+    rows = rows_per_step(budgets, slots, check_every, halvings, refill)
     assert (len(rows), sum(rows)) == (timings["steps"], timings["row_steps"])
 
 
 def test_live_rows_count_every_token_once_and_never_exceed_the_batch_run():
     budgets = [40, 3, 17, 512, 1, 90, 90, 6]
-    run = rows_per_step(budgets, 3, 16, [3, 2, 1])
-    live = rows_per_step(budgets, 3, 1, [3, 2, 1], live_only=True)
-    assert sum(live) == sum(budgets)
-    assert all(0 < n <= 3 for n in live) and sum(run) > sum(live)
-    assert len(live) <= len(run)
+    run = rows_per_step(budgets, 3, 16, halvings=2)
+    for every in (1, 4):
+        live = rows_per_step(budgets, 3, every, halvings=2, live_only=True)
+        assert sum(live) == sum(budgets)
+        assert all(0 < n <= 3 for n in live) and sum(run) > sum(live)
+        assert len(live) <= len(run)
