@@ -11,6 +11,7 @@ what it measured).  The variants are EngineOptions of one engine, run in the sam
 """
 import argparse
 import hashlib
+from contextlib import contextmanager
 import json
 import math
 import sys
@@ -22,7 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import engine_kernels  # noqa: E402
-from real_shapes import COPY_BW, MATMUL_PEAK, PROXY, TEACHER, VOCAB  # noqa: E402
+from bench_gemm import time_matmul  # noqa: E402
+from real_shapes import COPY_BW, MATMUL_PEAK, PROXY, TEACHER, VOCAB, step_matmuls  # noqa: E402
+from schedule import rows_per_step  # noqa: E402
 from decode import cache_kwarg, generate_reference  # noqa: E402
 from engine import EngineOptions  # noqa: E402
 from sampling import DecodeModels, SamplingParams, fd_delta, sample_from_scores  # noqa: E402
@@ -158,17 +161,21 @@ def kv_bytes_per_token(m):
     return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
 
 
+def matmul_params(m):
+    """Parameters a decode step reads: all but an untied input embedding table (only gathered)."""
+    embed = m.get_input_embeddings().weight
+    return sum(p.numel() for p in m.parameters()) - (0 if m.config.tie_word_embeddings else embed.numel())
+
+
+def weight_bytes(models):
+    return sum(matmul_params(m) * m.get_input_embeddings().weight.element_size() for m in models)
+
+
 def roofline(batch, context, models):
-    """Per-step floor: weights and KV read once at copy bandwidth (the input embedding table is only
-    gathered), matmul FLOPs at the measured peak."""
-    weight_bytes = flops = 0
-    for m in models:
-        embed = m.get_input_embeddings().weight
-        matmul_params = sum(p.numel() for p in m.parameters()) - (0 if m.config.tie_word_embeddings else embed.numel())
-        weight_bytes += matmul_params * embed.element_size()
-        flops += 2 * matmul_params * batch
+    """Per-step floor: weights and KV read once at copy bandwidth, matmul FLOPs at the measured peak."""
+    flops = sum(2 * matmul_params(m) * batch for m in models)
     kv = sum(kv_bytes_per_token(m) for m in models) * batch * context
-    return max(weight_bytes / COPY_BW, flops / MATMUL_PEAK) + kv / COPY_BW
+    return max(weight_bytes(models) / COPY_BW, flops / MATMUL_PEAK) + kv / COPY_BW
 
 
 def scan_whole_rows(probs, u, piece=None):
@@ -298,27 +305,35 @@ def kernel_table(prof, per):
     return sorted(rows, key=lambda r: -r[2])
 
 
+@contextmanager
+def prefilled_engine(models, params, batch, max_len, budget, options=None):
+    """An engine with its steps captured and every slot prefilled with a random prompt (row ids 0, 1,
+    ...; budget tokens each), released after."""
+    eng = engine.Engine(models, params, batch, max_len, budget, options)
+    try:
+        with engine.slot_attention_on(eng.nets), torch.no_grad():
+            eng.capture()
+            eng.prefill(list(range(batch)), random_prompts(batch, args.prompt_len, 5), list(range(batch)), [budget] * batch)
+            yield eng
+    finally:
+        eng.release()
+
+
 def profile_step(models, params, batch):
     """Kernel-level profiles of replays of the captured decode step and of one prefill call (as many
     prompts as generate puts in one: PREFILL_TOKENS), i.e. where the time goes."""
     from torch.profiler import ProfilerActivity, profile
-    prompts = random_prompts(batch, args.prompt_len, 5)
-    eng = engine.Engine(models, params, batch, args.prompt_len + 64, 64)
-    nets = eng.nets
-    with engine.slot_attention_on(nets), torch.no_grad():
-        eng.capture()
-        eng.prefill(list(range(batch)), prompts, list(range(batch)), [64] * batch)
+    with prefilled_engine(models, params, batch, args.prompt_len + 64, 64) as eng:
         torch.cuda.synchronize()
         group = min(batch, eng.options.prefill_tokens // args.prompt_len)
         with profile(activities=[ProfilerActivity.CUDA]) as pre:
-            eng.prefill(list(range(group)), prompts[:group], list(range(group)), [64] * group)
+            eng.prefill(list(range(group)), random_prompts(group, args.prompt_len, 5), list(range(group)), [64] * group)
             torch.cuda.synchronize()
         eng.advance(8)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             eng.advance(16)
             torch.cuda.synchronize()
-    eng.release()
     step, prefill = kernel_table(prof, 16), kernel_table(pre, 1)
     for label, table in (("step", step), (f"prefill of {group} prompts", prefill)):
         print(f"profile batch {batch} {label}: {sum(r[1] for r in table):.0f} kernels, "
@@ -347,28 +362,23 @@ def attention_ms(cfg, rows, max_len, contexts):
 def step_ms_by_rows(models, params, batch, contexts, steps=16):
     """ms per captured engine step at each of its step batches (every slot, then halvings down to one
     row: the drain's steps), with every row live at each context."""
-    eng = engine.Engine(models, params, batch, args.prompt_len + args.new, args.new, EngineOptions(drain_steps=16))
     out = {}
-    try:
-        with engine.slot_attention_on(eng.nets), torch.no_grad():
-            eng.capture()
-            eng.prefill(list(range(batch)), random_prompts(batch, args.prompt_len, 5), list(range(batch)), [args.new] * batch)
-            start = {name: getattr(eng, name).clone() for name in engine.SLOT_STATE}
-            for ctx in contexts:
-                for rows in eng.batches:
-                    for name, t in start.items():
-                        getattr(eng, name).copy_(t)
-                    eng.seq_len.fill_(ctx)
-                    eng.batch = rows
-                    eng.advance(2)
-                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    begin.record()
-                    eng.advance(steps)
-                    end.record()
-                    end.synchronize()
-                    out.setdefault(ctx, {})[rows] = begin.elapsed_time(end) / steps
-    finally:
-        eng.release()
+    with prefilled_engine(models, params, batch, args.prompt_len + args.new, args.new,
+                          EngineOptions(drain_steps=16)) as eng:
+        start = {name: getattr(eng, name).clone() for name in engine.SLOT_STATE}
+        for ctx in contexts:
+            for rows in eng.batches:
+                for name, t in start.items():
+                    getattr(eng, name).copy_(t)
+                eng.seq_len.fill_(ctx)
+                eng.batch = rows
+                eng.advance(2)
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                eng.advance(steps)
+                end.record()
+                end.synchronize()
+                out.setdefault(ctx, {})[rows] = begin.elapsed_time(end) / steps
     return out
 
 
@@ -378,9 +388,6 @@ def bound(models, results):
     alone, summed: a step cannot be faster than these two parts with nothing else in it.  And the
     engine's step at every row count, to price the long-tailed workload's rows as an engine would run
     them that refilled every step and sized every step to its live rows."""
-    from bench_gemm import time_matmul
-    from real_shapes import step_matmuls
-    from schedule import rows_per_step
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     matmul_ms = {}
     for name, cfg, stacked in (("teacher", TEACHER, 1), ("proxies", PROXY, 2)):
@@ -400,42 +407,52 @@ def bound(models, results):
     for mode, target in (("ads", 75), ("plain", 70)):
         roof = 1e3 * roofline(192, args.prompt_len + args.new / 2, nets[mode])
         kernels = sum(matmul_ms[p] + attention_step[p] for p in parts[mode])
-        measured = next((r["ms_per_step"] for r in results.get(f"engine_{mode}", []) if r["batch"] == 192), None)
+        e = engine_192(results, mode)
+        measured = e and e["ms_per_step"]
         out[mode] = dict(roofline_ms=roof, target_pct=target, target_ms=100 * roof / target, matmuls_and_attention_ms=kernels,
                          best_pct_of_roofline=100 * roof / kernels, left_for_the_rest_ms=100 * roof / target - kernels,
                          engine_ms=measured, engine_rest_ms=measured and measured - kernels)
         print("bound:", mode, out[mode], flush=True)
-    e = next((r for r in results.get("engine_ads", []) if r["batch"] == 192), None)
+    e = engine_192(results, "ads")
     if e:
         tokens = 192 * args.new
         out["ads"]["best_e2e_tok_s"] = tokens / (e["prefill_s"] + args.new * out["ads"]["matmuls_and_attention_ms"] / 1e3)
         out["ads"]["step_ms_for_11000_e2e"] = 1e3 * (tokens / 11000 - e["prefill_s"]) / args.new
+    # the prompt's context (every row's least; the long-tailed pricing's) and the run's mean
     rows_ms = step_ms_by_rows(models, ADS, 192, (args.prompt_len, args.prompt_len + args.new // 2))
     out["step_ms_by_rows"] = rows_ms
     print("bound: step ms by rows", rows_ms, flush=True)
-    lt = results.get("longtail_ads_192")
-    if lt:
-        budgets, _ = longtail_workload(args.longtail_prompts, 7)
-        # at the prompt's context (every row's least), each row count priced at the next smaller one timed
-        cost = rows_ms[args.prompt_len]
-        at = lambda n: cost[max(b for b in cost if b <= n)]  # noqa: E731
-        exact = rows_per_step(budgets, 192, 1, live_only=True)
-        engine_rows = rows_per_step(budgets, 192, 16, EngineOptions().drain_steps)
-        prefill = min(lt[k]["prefill_s"] for k in ("continuous", "static"))
-        decode_exact = sum(map(at, exact)) / 1e3
-        full = sum(n == 192 for n in exact)
-        out["longtail"] = dict(
-            exact_steps=len(exact), exact_full_steps=full, exact_row_steps=sum(exact),
-            engine_schedule_priced_s=sum(map(at, engine_rows)) / 1e3, engine_decode_s=lt["continuous"]["decode_s"],
-            exact_decode_s=decode_exact, static_wall_s=lt["static"]["wall_s"], prefill_s=prefill,
-            exact_speedup=lt["static"]["wall_s"] / (prefill + decode_exact),
-            # decode time 2x allows, and what is left of it per step of the tail after the full steps
-            decode_s_for_2x=lt["static"]["wall_s"] / 2 - prefill,
-            tail_step_ms_for_2x=(1e3 * (lt["static"]["wall_s"] / 2 - prefill) - full * cost[192]) / (len(exact) - full),
-            weight_read_ms=1e3 * sum(p.numel() * p.element_size() for m in nets["ads"] for p in m.parameters()
-                                     if p is not m.get_input_embeddings().weight or m.config.tie_word_embeddings) / COPY_BW)
+    if "longtail_ads_192" in results:
+        out["longtail"] = price_longtail(rows_ms[args.prompt_len], results["longtail_ads_192"], nets["ads"])
         print("bound: longtail", out["longtail"], flush=True)
     return out
+
+
+def engine_192(results, mode):
+    """The engine stage's batch-192 result of this mode, if it ran."""
+    return next((r for r in results.get(f"engine_{mode}", []) if r["batch"] == 192), None)
+
+
+def price_longtail(cost, lt, nets):
+    """The long-tailed workload refilled every step and each step sized to its live rows, each priced
+    at the timed step (cost: rows -> ms) of the next smaller row count; against the longtail stage's
+    measured static batches (lt)."""
+    budgets, _ = longtail_workload(args.longtail_prompts, 7)
+    at = lambda n: cost[max(b for b in cost if b <= n)]  # noqa: E731
+    exact = rows_per_step(budgets, 192, 1, live_only=True)
+    engine_rows = rows_per_step(budgets, 192, 16, EngineOptions().drain_steps)
+    prefill = min(lt[k]["prefill_s"] for k in ("continuous", "static"))
+    decode_exact = sum(map(at, exact)) / 1e3
+    full = sum(n == 192 for n in exact)
+    return dict(
+        exact_steps=len(exact), exact_full_steps=full, exact_row_steps=sum(exact),
+        engine_schedule_priced_s=sum(map(at, engine_rows)) / 1e3, engine_decode_s=lt["continuous"]["decode_s"],
+        exact_decode_s=decode_exact, static_wall_s=lt["static"]["wall_s"], prefill_s=prefill,
+        exact_speedup=lt["static"]["wall_s"] / (prefill + decode_exact),
+        # decode time 2x allows, and what is left of it per step of the tail after the full steps
+        decode_s_for_2x=lt["static"]["wall_s"] / 2 - prefill,
+        tail_step_ms_for_2x=(1e3 * (lt["static"]["wall_s"] / 2 - prefill) - full * cost[192]) / (len(exact) - full),
+        weight_read_ms=1e3 * weight_bytes(nets) / COPY_BW)
 
 
 def largest_batch(models, per_slot_tokens):
