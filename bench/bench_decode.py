@@ -45,7 +45,7 @@ parser.add_argument("--stages", default="check,engine,reference,unfused", help="
                     "Triton passes), ways16 (the top-p search at 16 thresholds a pass, as before the engine tuned it), longtail "
                     "(768 long-tailed traces: continuous batching with and without the drain's smaller steps, and static "
                     "batches), chunks (gentraces' chunks of 4 x 192 long-tailed prompts one engine call each, "
-                    "as before gentraces.decode_chunks, or all in one call), bound (the step's matmuls and attention timed alone at "
+                    "as before gentraces.decode_chunks, or all in one call), bound (at batch 192, the targets': the step's matmuls and attention timed alone at "
                     "their best, against the targets; the step at every row count, pricing the long-tailed workload's rows)")
 parser.add_argument("--batches", default="192,64", help="decode slots; 'max' = largest that fits")
 parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
